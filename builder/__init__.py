@@ -1,0 +1,1 @@
+"""Datastore builder: corpus → tokens → keys → shards + manifest (see builder/build.py)."""

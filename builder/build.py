@@ -1,0 +1,385 @@
+"""Build orchestration: corpus → tokens → plan → key workers → shards → manifest.
+
+Stages read only artifacts under the datastore root, so a killed driver or worker
+loses at most the units in flight:
+
+    tokens/<file>.bin|.json     tokenized inputs (int32 LE tokens + sequence lengths)
+    shards/<unit>-<part>.parquet key shards (deterministic names)
+    _build/request.json         the identity of the build in progress
+    _build/units/<unit>.json    a unit's commit record (its shards, rows, checksums)
+    _build/lease.json           the build lease
+    manifest.json               written last; lists every shard with first_id
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from builder.config import BuildConfig, ConfigError
+from builder.corpus import InputError, Unit, count_targets, detect_format, plan_units, tokenize_file
+from builder.keys import KeyLayerError
+from builder.lease import Lease, LeaseError
+from builder.manifest import (MANIFEST, REQUEST, Manifest, ManifestError, compare_identity,
+                              load_manifest)
+from builder.modelinfo import ModelError, ModelInfo, inspect_model
+from builder.shards import SHARD_FORMAT
+from builder.unit import (UnitError, UnitParams, run_unit, tokens_meta_path, tokens_path,
+                          unit_record_path)
+from cluster.storage import NotFound, Storage, StorageError, expand_inputs, read_uri
+
+log = logging.getLogger(__name__)
+MAX_UNIT_ATTEMPTS = 3
+SHOW_SKIPPED = 20
+
+
+class BuildError(RuntimeError):
+    """A build failed for a reason stated in the message; nothing partial was committed."""
+
+
+USER_ERRORS = (ConfigError, InputError, UnitError, StorageError, ModelError, KeyLayerError, ManifestError,
+               LeaseError, FileNotFoundError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenize stage (core + task body)
+
+
+def tokenize_input(file_index: int, uri: str, fmt: str, mode: str, text_field: str, tokenizer_path: str,
+                   root_uri: str) -> dict:
+    """Tokenize one input file and commit tokens/<i>.bin then tokens/<i>.json; return the meta."""
+    from transformers import AutoTokenizer
+
+    storage = Storage.from_uri(root_uri)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok.model_max_length = 1 << 60  # sequences are windowed later; silence the length warning
+    tf = tokenize_file(read_uri(uri), uri, fmt, mode, tok, text_field)
+    storage.write_bytes(tokens_path(file_index), tf.tokens.astype("<i4").tobytes())
+    meta = tf.meta()
+    meta["tokens"] = tokens_path(file_index)
+    storage.write_text(tokens_meta_path(file_index), json.dumps(meta))
+    return meta
+
+
+class KeyWorkerImpl:
+    """Body of the key worker actor: holds the model, runs units."""
+
+    def __init__(self, model_path: str, key_layer: str, device: str, compute_dtype: str, threads: int,
+                 root_uri: str):
+        import torch
+        import transformers
+
+        from builder.keys import load_encoder
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        torch.set_num_threads(threads)
+        self.storage = Storage.from_uri(root_uri)
+        self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
+
+    def run(self, unit: dict, params: dict) -> dict:
+        return run_unit(Unit.from_dict(unit), self.storage, self.encoder, UnitParams(**params))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    already_complete: bool = False
+    seconds: float = 0.0
+    units_run: int = 0
+    units_skipped: int = 0
+    keys_written: int = 0
+    skipped_documents: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        m = self.manifest
+        if self.already_complete:
+            return f"datastore is already complete: {m.num_keys:,} keys in {len(m.shards)} shards; nothing to do"
+        rate = self.keys_written / self.seconds if self.seconds > 0 else 0.0
+        return (f"built {m.num_keys:,} keys in {len(m.shards)} shards in {self.seconds:.1f}s "
+                f"({rate:,.0f} keys/s this run; {self.units_run} units run, {self.units_skipped} already committed; "
+                f"{self.skipped_documents} documents skipped)")
+
+
+def _identity(cfg: BuildConfig, info: ModelInfo, window: int, min_context: int, inputs: list[str],
+              compute_dtype: str | None) -> dict:
+    ident = {"model_sha256": info.sha256, "tokenizer_sha256": info.tokenizer_sha256, "key_layer": cfg.key_layer,
+             "window": window, "min_context": min_context, "mode": cfg.mode, "format": cfg.format,
+             "text_field": cfg.text_field, "inputs": inputs, "shard_rows": cfg.shard_rows,
+             "unit_tokens": cfg.unit_tokens, "row_group_rows": cfg.row_group_rows}
+    if compute_dtype is not None:
+        ident["compute_dtype"] = compute_dtype
+    return ident
+
+
+def _explicit_dtype(cfg: BuildConfig) -> str | None:
+    """The compute dtype when it does not depend on the cluster's hardware."""
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    if cfg.device == "cpu":
+        return "float32"
+    return None
+
+
+def _unwrap(e: BaseException, what: str) -> BuildError:
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, USER_ERRORS):
+        return BuildError(f"{what}: {cause}")
+    return BuildError(f"{what} failed on a Ray worker: {type(cause).__name__}: {cause}")
+
+
+def _retryable(e: BaseException) -> bool:
+    import ray.exceptions as rex
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, (UnitError, InputError, ModelError, KeyLayerError)):
+        return False
+    return isinstance(e, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
+                          rex.OutOfMemoryError)) or isinstance(cause, StorageError)
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Run (or resume) a build. Raises BuildError with an actionable message on bad input."""
+    t0 = time.perf_counter()
+    try:
+        inputs = expand_inputs(cfg.corpus)
+        formats = [detect_format(u, cfg.format) for u in inputs]
+        info = inspect_model(cfg.model, cfg.key_layer)
+        window, min_context = cfg.resolve_window(info.max_positions)
+        storage = Storage.from_uri(cfg.out)
+    except USER_ERRORS as e:
+        raise BuildError(str(e)) from None
+
+    # a finished datastore: nothing to do (or a clear refusal), without starting Ray
+    if storage.exists(MANIFEST):
+        m = load_manifest(storage)
+        compare_identity(m.identity, _identity(cfg, info, window, min_context, inputs, _explicit_dtype(cfg)),
+                         storage.uri)
+        log.info("%s is already complete (%d keys); nothing to do", storage.uri, m.num_keys)
+        return BuildResult(m, already_complete=True)
+    try:
+        storage.check_writable()
+    except StorageError as e:
+        raise BuildError(str(e)) from None
+
+    from cluster.runtime import cluster_resources, ray_session
+    with ray_session(cfg.address) as ray:
+        cpus, gpus = cluster_resources()
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+        if cfg.device == "cuda" and gpus == 0:
+            raise BuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
+        compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
+        ident = _identity(cfg, info, window, min_context, inputs, compute_dtype)
+        lease = Lease(storage, cfg.lease_ttl)
+        try:
+            lease.acquire()
+        except LeaseError as e:
+            raise BuildError(str(e)) from None
+        actors = []
+        try:
+            actors = _start_workers(cfg, storage, info, use_cuda, cpus, gpus, compute_dtype)
+            return _build_locked(cfg, storage, lease, actors, info, ident, inputs, formats, window, min_context,
+                                 use_cuda, compute_dtype, t0)
+        except USER_ERRORS as e:
+            raise BuildError(str(e)) from None
+        finally:
+            for a in actors:
+                ray.kill(a)
+            lease.release()
+
+
+def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: ModelInfo, ident: dict,
+                  inputs: list[str], formats: list[str], window: int, min_context: int, use_cuda: bool,
+                  compute_dtype: str, t0: float) -> BuildResult:
+    import ray
+
+    try:
+        have = json.loads(storage.read_text(REQUEST))
+        compare_identity(have, ident, storage.uri + " (an unfinished build)")
+        log.info("resuming the unfinished build in %s", storage.uri)
+    except NotFound:
+        storage.write_text(REQUEST, json.dumps(ident))
+    n_clean = storage.cleanup_incomplete()
+    if n_clean:
+        log.info("cleaned up %d incomplete writes of an earlier attempt", n_clean)
+
+    # ---- tokenize -------------------------------------------------------------------------
+    metas: list[dict | None] = [None] * len(inputs)
+    todo = []
+    for i in range(len(inputs)):
+        try:
+            metas[i] = json.loads(storage.read_text(tokens_meta_path(i)))
+        except NotFound:
+            todo.append(i)
+    if todo:
+        log.info("tokenizing %d input files", len(todo))
+        task = ray.remote(num_cpus=1, max_retries=2)(tokenize_input)
+        refs = {task.remote(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri): i
+                for i in todo}
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            i = refs.pop(done[0])
+            try:
+                metas[i] = ray.get(done[0])
+            except Exception as e:
+                for r in refs:
+                    ray.cancel(r)
+                raise _unwrap(e, f"tokenizing {inputs[i]}") from None
+            lease.check()
+
+    skipped = [(inputs[i], s) for i, m in enumerate(metas) for s in m["skipped"]]
+    for uri, s in skipped[:SHOW_SKIPPED]:
+        log.warning("skipped %s %s: %s", uri, s["where"], s["reason"])
+    if len(skipped) > SHOW_SKIPPED:
+        log.warning("... and %d more skipped documents", len(skipped) - SHOW_SKIPPED)
+    total = sum(count_targets(m["seq_lengths"]) for m in metas)
+    if total == 0:
+        raise BuildError(f"the corpus ({len(inputs)} input files) has no usable document: "
+                         f"{len(skipped)} skipped (empty, undecodable or shorter than 2 tokens); check --corpus "
+                         "and --format")
+
+    # ---- plan -----------------------------------------------------------------------------
+    doc_base = np.concatenate([[0], np.cumsum([m["num_records"] for m in metas])]).tolist()
+    units = plan_units([(m["seq_lengths"], m["seq_records"]) for m in metas], window, min_context,
+                       cfg.unit_tokens)
+    committed = {int(p.rsplit("/", 1)[-1].split(".")[0]) for p in storage.list("_build/units/")}
+    pending_units = [u for u in units if u.id not in committed]
+    log.info("%d keys in %d units (%d already committed)", total, len(units), len(units) - len(pending_units))
+
+    def params(u: Unit) -> dict:
+        return UnitParams(window=window, min_context=min_context, mode=cfg.mode, batch_size=cfg.batch_size,
+                          shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows, file_uri=inputs[u.file],
+                          doc_base=doc_base[u.file] if cfg.mode == "document" else u.file,
+                          pad_id=0).__dict__
+
+    records: dict[int, dict] = {}
+    keys_written = 0
+    if pending_units:
+        keys_written = _run_key_stage(cfg, lease, actors, pending_units, params, records, total,
+                                      total - sum(u.num_targets for u in pending_units))
+
+    # ---- commit the manifest --------------------------------------------------------------
+    for u in units:
+        if u.id not in records:
+            records[u.id] = json.loads(storage.read_text(unit_record_path(u.id)))
+    shards, first_id = [], 0
+    for u in units:
+        rec = records[u.id]
+        for s in rec["shards"]:
+            shards.append({"path": s["path"], "num_rows": s["num_rows"], "first_id": first_id,
+                           "checksum": s["checksum"]})
+            first_id += s["num_rows"]
+    if first_id != total:
+        raise BuildError(f"internal error: shards hold {first_id} rows, the plan has {total} targets")
+    files = []
+    for i, m in enumerate(metas):
+        files.append({k: m[k] for k in ("uri", "format", "bytes", "sha256", "num_records", "num_tokens", "tokens")}
+                     | {"num_sequences": len(m["seq_lengths"]), "num_keys": count_targets(m["seq_lengths"]),
+                        "skipped": len(m["skipped"])})
+    seconds = time.perf_counter() - t0
+    manifest = Manifest(
+        num_keys=total, dim=info.hidden_size, model=info.model_dict(), tokenizer=info.tokenizer_dict(),
+        key_layer=cfg.key_layer, key_module=info.key_module, window=window, min_context=min_context, mode=cfg.mode,
+        compute_dtype=compute_dtype,
+        corpus={"inputs": cfg.corpus, "format": cfg.format, "text_field": cfg.text_field, "files": files,
+                "num_documents": int(doc_base[-1]) if cfg.mode == "document" else len(inputs),
+                "skipped_documents": len(skipped),
+                "stream_record_separator": "\\n\\n" if cfg.mode == "stream" else None},
+        shards=shards, identity=ident, shard_format=SHARD_FORMAT,
+        build={"shard_rows": cfg.shard_rows, "unit_tokens": cfg.unit_tokens, "row_group_rows": cfg.row_group_rows,
+               "num_units": len(units), "device": "cuda" if use_cuda else "cpu",
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()})
+    manifest.validate()
+    lease.check()  # fencing: only the lease holder commits
+    storage.write_text(MANIFEST, manifest.to_json())
+    # the manifest is the truth now: drop progress records and shards no manifest lists
+    listed = {s["path"] for s in shards}
+    for p in storage.list("shards/"):
+        if p not in listed:
+            storage.delete(p)
+    storage.delete_prefix("_build/units/")
+    storage.delete(REQUEST)
+    return BuildResult(manifest, seconds=seconds, units_run=len(pending_units),
+                       units_skipped=len(units) - len(pending_units), keys_written=keys_written,
+                       skipped_documents=len(skipped))
+
+
+def _start_workers(cfg, storage, info, use_cuda, cpus, gpus, compute_dtype) -> list:
+    """Key worker actors; they load the model while the corpus is tokenized."""
+    import ray
+
+    n_workers = cfg.workers or (gpus if use_cuda else 1)
+    threads = 1 if use_cuda else max(1, cpus // n_workers)
+    # CPU workers reserve one logical CPU each (not `threads`) so tokenize tasks can run beside them
+    Actor = ray.remote(KeyWorkerImpl).options(num_gpus=1 if use_cuda else 0, num_cpus=1, max_restarts=-1,
+                                              max_task_retries=0)
+    device = "cuda" if use_cuda else "cpu"
+    log.info("%d key workers (%s, %s%s)", n_workers, device, compute_dtype,
+             "" if use_cuda else f", {threads} threads each")
+    return [Actor.remote(info.path, cfg.key_layer, device, compute_dtype, threads, storage.uri)
+            for _ in range(n_workers)]
+
+
+def _run_key_stage(cfg, lease, actors, units, params, records, total, done_before) -> int:
+    import ray
+    from tqdm import tqdm
+
+    n_workers = len(actors)
+    queue = collections.deque(units)
+    attempts: collections.Counter = collections.Counter()
+    inflight: dict = {}                  # ref -> (unit, actor index)
+    load = [0] * n_workers
+    written = 0
+    bar = tqdm(total=total, initial=done_before, unit="key", unit_scale=True, disable=not cfg.progress,
+               desc="keys", smoothing=0.1, dynamic_ncols=True)
+    try:
+        while queue or inflight:
+            # backpressure: at most 2 units per worker (one running, one queued behind it)
+            for a in sorted(range(n_workers), key=lambda j: load[j]):
+                while queue and load[a] < 2:
+                    u = queue.popleft()
+                    ref = actors[a].run.remote(u.to_dict(), params(u))
+                    inflight[ref] = (u, a)
+                    load[a] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(1.0, lease.interval))
+            if lease.lost:
+                raise LeaseError(lease.lost)
+            for ref in ready:
+                u, a = inflight.pop(ref)
+                load[a] -= 1
+                try:
+                    rec = ray.get(ref)
+                except Exception as e:
+                    attempts[u.id] += 1
+                    if _retryable(e) and attempts[u.id] < MAX_UNIT_ATTEMPTS:
+                        log.warning("unit %d failed on worker %d (%s); retrying (attempt %d of %d)", u.id, a,
+                                    type(e).__name__, attempts[u.id] + 1, MAX_UNIT_ATTEMPTS)
+                        queue.appendleft(u)
+                        continue
+                    raise _unwrap(e, f"unit {u.id} ({params(u)['file_uri']})") from None
+                records[u.id] = rec
+                written += rec["num_rows"]
+                bar.update(rec["num_rows"])
+                bar.set_postfix(shards=sum(len(r["shards"]) for r in records.values()), refresh=False)
+    finally:
+        bar.close()
+        for ref in inflight:
+            ray.cancel(ref, force=False)
+    return written
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for p in ("knnlm-datastore", "torch", "transformers", "tokenizers", "pyarrow", "ray"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out

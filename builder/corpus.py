@@ -1,0 +1,310 @@
+"""Corpus readers, tokenization of one input file, and the pure planner of work units.
+
+Vocabulary used throughout:
+- *record*: one document as the input format defines it (a text file, a WikiText article,
+  a JSONL line, a Parquet row). Records are numbered in file order; skipped ones keep
+  their number, so document ids never depend on what was skipped.
+- *sequence*: what the LM reads with sliding windows: one record in `document` mode, the
+  whole file in `stream` mode.
+- *target*: a token position t >= 1 of a sequence; each target gets exactly one key.
+- *unit*: a run of whole windows of consecutive sequences of one file; the unit of
+  dispatch, retry and resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STREAM_RECORD_SEPARATOR = "\n\n"  # joins JSONL/Parquet records into one stream-mode sequence
+_WIKI_TITLE = re.compile(rb"^ = [^=](?:.*[^=])? = *\r?\n?$")
+
+
+class InputError(ValueError):
+    """Bad corpus input; the message names the file (and record) and the flag to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+
+def detect_format(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    low = uri.lower()
+    for suffix in (".gz", ".zst"):
+        if low.endswith(suffix):
+            raise InputError(f"{uri}: compressed inputs are not supported; decompress it first")
+    if low.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if low.endswith((".parquet", ".pq")):
+        return "parquet"
+    if low.endswith(".tokens"):  # wiki.train.tokens etc.
+        return "wikitext"
+    return "text"
+
+
+@dataclass
+class Record:
+    text: str | None
+    where: str                 # human-readable location: "line 12", "article 3 (line 40)"
+    skip: str | None = None    # reason it is skipped, or None
+
+
+def _decode(b: bytes, uri: str, where: str) -> tuple[str | None, str | None]:
+    try:
+        return b.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {e.start} of the {where})"
+
+
+def split_wikitext(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a WikiText file into articles: (first line number, raw bytes).
+
+    A line ` = Title = ` starts an article (section headings ` = = X = = ` do not).
+    Text before the first title is an article of its own only if it is not blank."""
+    lines = data.splitlines(keepends=True)
+    articles: list[tuple[int, list[bytes]]] = []
+    cur: list[bytes] = []
+    start = 1
+    for i, line in enumerate(lines, 1):
+        if _WIKI_TITLE.match(line):
+            if cur and (articles or b"".join(cur).strip()):
+                articles.append((start, cur))
+            cur, start = [], i
+        cur.append(line)
+    if cur and (articles or b"".join(cur).strip()):
+        articles.append((start, cur))
+    return [(s, b"".join(c)) for s, c in articles]
+
+
+def read_records(data: bytes, uri: str, fmt: str, text_field: str = "text") -> list[Record]:
+    """Decode one input file into its records, in file order. Pure."""
+    if fmt == "text":
+        text, bad = _decode(data, uri, "file")
+        return [Record(text, "file", bad)]
+    if fmt == "wikitext":
+        out = []
+        for line_no, raw in split_wikitext(data):
+            text, bad = _decode(raw, uri, f"article at line {line_no}")
+            out.append(Record(text, f"article {len(out)} (line {line_no})", bad))
+        return out
+    if fmt == "jsonl":
+        out = []
+        for line_no, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            where = f"line {line_no}"
+            text, bad = _decode(raw, uri, f"line {line_no}")
+            if bad:
+                out.append(Record(None, where, bad))
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                out.append(Record(None, where, f"invalid JSON ({e.msg})"))
+                continue
+            val = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(val, str):
+                out.append(Record(None, where, f"no string field {text_field!r} (set --text-field)"))
+                continue
+            out.append(Record(val, where))
+        return out
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        except Exception as e:
+            raise InputError(f"{uri}: not a readable Parquet file ({e}); check --format") from None
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise InputError(f"{uri}: Parquet file has no column {text_field!r} (columns: {', '.join(names)}); "
+                             "set --text-field")
+        col = pf.read(columns=[text_field]).column(0)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            raise InputError(f"{uri}: column {text_field!r} has type {col.type}, expected string; set --text-field")
+        return [Record(v, f"row {i}", None if v is not None else "null text")
+                for i, v in enumerate(col.to_pylist())]
+    raise InputError(f"{uri}: unknown format {fmt!r} (--format)")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization of one input file (pure core of the tokenize stage)
+
+
+@dataclass
+class TokenizedFile:
+    uri: str
+    format: str
+    tokens: np.ndarray                 # (N,) int32: the file's sequences concatenated
+    seq_lengths: list[int]             # tokens per sequence
+    seq_records: list[int]             # record index of each sequence (-1 in stream mode)
+    num_records: int
+    skipped: list[dict] = field(default_factory=list)   # {record, where, reason}
+    sha256: str = ""
+    bytes: int = 0
+
+    def meta(self) -> dict:
+        return {"uri": self.uri, "format": self.format, "bytes": self.bytes, "sha256": self.sha256,
+                "num_records": self.num_records, "num_tokens": int(self.tokens.size),
+                "seq_lengths": self.seq_lengths, "seq_records": self.seq_records, "skipped": self.skipped}
+
+
+def tokenize_file(data: bytes, uri: str, fmt: str, mode: str, tokenizer, text_field: str = "text",
+                  batch: int = 512) -> TokenizedFile:
+    """Records of one file → token sequences, with the tokenizer's default special tokens.
+
+    `document` mode: one sequence per usable record; `stream` mode: the whole file as one
+    sequence (JSONL/Parquet records joined with a blank line). Empty, undecodable or
+    shorter-than-2-token documents are skipped and reported, not fatal."""
+    fmt = detect_format(uri, fmt)
+    records = read_records(data, uri, fmt, text_field)
+    skipped: list[dict] = []
+
+    def skip(i: int, where: str, reason: str):
+        skipped.append({"record": i, "where": where, "reason": reason})
+
+    if mode == "stream":
+        if fmt in ("text", "wikitext"):
+            text, bad = _decode(data, uri, "file")
+            texts, idx = ([text], [-1]) if not bad else ([], [])
+            if bad:
+                skip(-1, "file", bad)
+        else:
+            for i, r in enumerate(records):
+                if r.skip:
+                    skip(i, r.where, r.skip)
+            good = [r.text for r in records if not r.skip and r.text and r.text.strip()]
+            texts, idx = ([STREAM_RECORD_SEPARATOR.join(good)], [-1]) if good else ([], [])
+    else:
+        texts, idx = [], []
+        for i, r in enumerate(records):
+            if r.skip:
+                skip(i, r.where, r.skip)
+            elif not r.text or not r.text.strip():
+                skip(i, r.where, "empty document")
+            else:
+                texts.append(r.text)
+                idx.append(i)
+    if mode == "stream" and texts and not texts[0].strip():
+        skip(-1, "file", "empty file")
+        texts, idx = [], []
+    if not records and mode == "document":
+        skip(-1, "file", "empty file")
+
+    ids: list[list[int]] = []
+    for s in range(0, len(texts), batch):
+        ids.extend(tokenizer(texts[s:s + batch], add_special_tokens=True, verbose=False)["input_ids"])
+    seqs, seq_records = [], []
+    for i, t in zip(idx, ids):
+        if len(t) < 2:
+            skip(i, records[i].where if i >= 0 else "file", f"fewer than 2 tokens ({len(t)})")
+            continue
+        seqs.append(np.asarray(t, dtype=np.int64))
+        seq_records.append(i)
+    tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
+    if seqs and int(np.concatenate(seqs).max()) >= 2 ** 31:
+        raise InputError(f"{uri}: token id does not fit int32")
+    skipped.sort(key=lambda d: d["record"])
+    return TokenizedFile(uri=uri, format=fmt, tokens=tokens, seq_lengths=[len(s) for s in seqs],
+                         seq_records=seq_records, num_records=len(records) if mode == "document" else 1,
+                         skipped=skipped, sha256="sha256:" + hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# windows and units (pure)
+
+
+def plan_windows(n: int, window: int, min_context: int) -> list[tuple[int, int, int, int]]:
+    """Sliding windows over a sequence of n tokens: (start, end, first_target, end_target).
+
+    The first window covers [0, min(W, n)); each next one starts `min_context` tokens
+    before the previous one ended (stride W - min_context); the last ends at n. Window k
+    gives keys to the targets [end_{k-1}, end_k) (window 0: [1, end_0)), i.e. each target
+    to the first window that holds it at a position other than its first; its key is the
+    hidden state at t-1, which sees at least min(min_context, t) tokens."""
+    if not 1 <= min_context < window:
+        raise ValueError(f"need 1 <= min_context < window, got {min_context}, {window}")
+    stride = window - min_context
+    out = []
+    s, prev_end = 0, 1
+    while True:
+        e = min(s + window, n)
+        out.append((s, e, prev_end, e))
+        if e >= n:
+            return out
+        prev_end = e
+        s += stride
+
+
+@dataclass(frozen=True)
+class Segment:
+    seq: int          # sequence index within the file
+    offset: int       # offset of the sequence in the file's token array
+    length: int       # sequence length n
+    t0: int           # first target (a window boundary)
+    t1: int           # end target (a window boundary)
+    record: int       # record index (document mode) or -1
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: int
+    file: int                 # input file index
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(s.t1 - s.t0 for s in self.segments)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "file": self.file, "segments": [list(s.__dict__.values()) for s in self.segments]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Unit":
+        return Unit(d["id"], d["file"], tuple(Segment(*s) for s in d["segments"]))
+
+
+def plan_units(files: list[tuple[list[int], list[int]]], window: int, min_context: int,
+               unit_tokens: int) -> list[Unit]:
+    """Split the corpus into units of about `unit_tokens` targets. Pure and deterministic.
+
+    `files` holds, per input file in corpus order, (sequence lengths, sequence records).
+    Units never cross a file; they split sequences only at window boundaries, so a unit
+    that starts inside a sequence re-reads exactly min_context tokens of context and its
+    keys equal those of a single pass. Unit ids are consecutive in corpus order."""
+    units: list[Unit] = []
+    for fi, (lengths, records) in enumerate(files):
+        segs: list[Segment] = []
+        count = 0
+        offset = 0
+        for si, (n, rec) in enumerate(zip(lengths, records)):
+            seg_t0 = None
+            for (_, _, a, b) in plan_windows(n, window, min_context):
+                if b <= a:
+                    continue
+                if seg_t0 is None:
+                    seg_t0 = a
+                count += b - a
+                if count >= unit_tokens:
+                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
+                    units.append(Unit(len(units), fi, tuple(segs)))
+                    segs, count, seg_t0 = [], 0, None
+            if seg_t0 is not None:
+                segs.append(Segment(si, offset, n, seg_t0, n, rec))
+            offset += n
+        if segs:
+            units.append(Unit(len(units), fi, tuple(segs)))
+    return units
+
+
+def count_targets(lengths: list[int]) -> int:
+    return int(sum(max(0, n - 1) for n in lengths))

@@ -1,0 +1,182 @@
+"""Keys: locate the key layer in any HF causal LM and compute hidden states over windows.
+
+`compute_keys` is the one function that both the datastore build and the evaluation
+call, so queries and keys come from exactly the same code, layer and window rules.
+
+The forward pass stops at the key layer: a pre-hook on the key module captures its
+input and aborts the forward, so neither the rest of the last block nor the LM head is
+computed (the LM head alone is about half of GPT-2-small's cost).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# names of the feed-forward module inside a transformer block, across HF families
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "ff", "block_sparse_moe", "fc1")
+
+
+class KeyLayerError(ValueError):
+    pass
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of transformer blocks: the one whose length is the number of layers."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            if n_layers is not None and len(mod) == n_layers:
+                return name, mod
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise KeyLayerError(f"cannot find the transformer blocks of {type(model).__name__}: "
+                            "no ModuleList of layers; use --key-layer final_hidden")
+    return best
+
+
+def find_key_module(model: torch.nn.Module, key_layer: str) -> tuple[str, torch.nn.Module]:
+    """(dotted name, module) whose *input* is the key.
+
+    ffn_input: the last block's feed-forward module (its input is the output of that block's
+    post-attention layer norm); final_hidden: the LM head (its input is after the final norm)."""
+    if key_layer == "final_hidden":
+        head = model.get_output_embeddings()
+        if head is None:
+            raise KeyLayerError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+        name = next(n for n, m in model.named_modules() if m is head)
+        return name, head
+    if key_layer != "ffn_input":
+        raise KeyLayerError(f"unknown key layer {key_layer!r} (--key-layer: ffn_input or final_hidden)")
+    blocks_name, blocks = find_blocks(model)
+    last = blocks[-1]
+    for child_name in FFN_NAMES:
+        mod = getattr(last, child_name, None)
+        if isinstance(mod, torch.nn.Module):
+            return f"{blocks_name}.{len(blocks) - 1}.{child_name}", mod
+    children = ", ".join(n for n, _ in last.named_children())
+    raise KeyLayerError(f"cannot find the feed-forward module of the last block of {type(model).__name__} "
+                        f"(children of {blocks_name}.{len(blocks) - 1}: {children}); "
+                        "use --key-layer final_hidden or add its name to builder.keys.FFN_NAMES")
+
+
+def resolve_dtype(device: str, compute_dtype: str = "auto") -> torch.dtype:
+    if compute_dtype != "auto":
+        return getattr(torch, compute_dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KeyLayerError("--device cuda: no CUDA device is visible to this worker")
+    return device
+
+
+class _Captured(Exception):
+    """Raised by the hook to stop the forward pass at the key layer."""
+
+
+class KeyEncoder:
+    """A causal LM cut at its key layer: input ids (B, T) → keys (B, T, d)."""
+
+    def __init__(self, model: torch.nn.Module, key_layer: str, device: str = "cpu"):
+        self.model = model.eval()
+        self.key_layer = key_layer
+        self.device = torch.device(device)
+        self.module_name, self.module = find_key_module(model, key_layer)
+        self.dim = int(model.config.hidden_size)
+        self.dtype = next(model.parameters()).dtype
+        self._out: torch.Tensor | None = None
+        self.module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self._out = args[0]
+        raise _Captured
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._out = None
+        try:
+            # right padding needs no attention mask: causal attention never looks ahead
+            self.model(input_ids=input_ids, use_cache=False)
+        except _Captured:
+            pass
+        if self._out is None:
+            raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} was not "
+                                "called in the forward pass")
+        return self._out
+
+
+def load_encoder(model_path: str, key_layer: str, device: str = "auto",
+                 compute_dtype: str = "auto") -> KeyEncoder:
+    from transformers import AutoModelForCausalLM
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dev, compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return KeyEncoder(model.to(dev), key_layer, dev)
+
+
+@dataclass
+class WindowJob:
+    """One forward window: `tokens` (L,), keep the hidden states at positions [lo, hi)."""
+    tokens: np.ndarray
+    lo: int
+    hi: int
+
+
+def compute_keys(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int,
+                 pad_id: int = 0) -> list[np.ndarray]:
+    """Hidden states at the key layer for each job: list of (hi - lo, d) float16 arrays.
+
+    Windows are batched longest-first to limit padding; on CUDA the copy of a batch's keys
+    to the host overlaps the next batch's forward pass."""
+    out: list[np.ndarray | None] = [None] * len(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].tokens))
+    dev = encoder.device
+    cuda = dev.type == "cuda"
+    pending: list[tuple[list[int], torch.Tensor, list[int], torch.cuda.Event | None]] = []
+
+    def drain(p):
+        idx, host, sizes, ev = p
+        if ev is not None:
+            ev.synchronize()
+        arr = host.numpy()
+        off = 0
+        for i, n in zip(idx, sizes):
+            out[i] = arr[off:off + n]
+            off += n
+
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        T = len(jobs[idx[0]].tokens)
+        ids = np.full((len(idx), T), pad_id, dtype=np.int64)
+        for r, i in enumerate(idx):
+            ids[r, :len(jobs[i].tokens)] = jobs[i].tokens
+        ids_t = torch.from_numpy(ids).to(dev, non_blocking=cuda)
+        h = encoder(ids_t)                                                   # (B, T, d) compute dtype
+        keep = torch.cat([h[r, jobs[i].lo:jobs[i].hi] for r, i in enumerate(idx)])   # (sum keep, d)
+        keep = keep.to(torch.float16)
+        sizes = [jobs[i].hi - jobs[i].lo for i in idx]
+        if cuda:
+            host = torch.empty(keep.shape, dtype=torch.float16, pin_memory=True)
+            host.copy_(keep, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            if pending:
+                drain(pending.pop())
+            pending.append((idx, host, sizes, ev))
+        else:
+            drain((idx, keep, sizes, None))
+    while pending:
+        drain(pending.pop())
+    return out  # type: ignore[return-value]

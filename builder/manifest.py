@@ -1,0 +1,113 @@
+"""The datastore manifest: the single source of truth for how a datastore was made.
+
+`manifest.json` at the datastore root is written last, when every shard is committed.
+While a build runs, its identity (what must not change on a resume) lives in
+`_build/request.json`; every later stage compares its own request with the manifest
+and refuses a mismatch, naming both values and the flag.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from cluster.storage import NotFound, Storage
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUEST = "_build/request.json"
+
+# identity field → the flag that sets it (for error messages)
+IDENTITY_FLAGS = {
+    "model_sha256": "--model",
+    "tokenizer_sha256": "--model (its tokenizer)",
+    "key_layer": "--key-layer",
+    "window": "--window",
+    "min_context": "--min-context",
+    "mode": "--mode",
+    "compute_dtype": "--device/--compute-dtype",
+    "format": "--format",
+    "text_field": "--text-field",
+    "inputs": "--corpus",
+    "shard_rows": "--shard-rows",
+    "unit_tokens": "--unit-tokens",
+    "row_group_rows": "--row-group-rows",
+}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Manifest:
+    num_keys: int
+    dim: int
+    model: dict                 # {name, sha256, class, ...}
+    tokenizer: dict             # {name, sha256, add_special_tokens, adds_bos, ...}
+    key_layer: str
+    window: int
+    min_context: int
+    mode: str
+    compute_dtype: str
+    corpus: dict                # {inputs, format, text_field, files: [...], num_documents, ...}
+    shards: list[dict]          # [{path, num_rows, first_id, checksum}] in corpus order
+    identity: dict = field(default_factory=dict)
+    build: dict = field(default_factory=dict)
+    key_module: str = ""
+    key_dtype: str = "float16"
+    value_dtype: str = "int32"
+    shard_format: str = "parquet"
+    shard_columns: dict = field(default_factory=lambda: {
+        "key": "fixed_size_binary(2*dim): dim float16 little-endian", "value": "int32 token id",
+        "doc": "int64 document index (document mode) or input file index (stream mode)",
+        "pos": "int64 position of the value token in its sequence"})
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=False)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Manifest":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(f"unsupported manifest format_version {d.get('format_version')!r} "
+                                f"(this knnlm reads {FORMAT_VERSION})")
+        known = set(Manifest.__dataclass_fields__)
+        return Manifest(**{k: v for k, v in d.items() if k in known})
+
+    def validate(self) -> None:
+        """Ids contiguous from 0 to num_keys-1 in shard order."""
+        nxt = 0
+        for s in self.shards:
+            if s["first_id"] != nxt:
+                raise ManifestError(f"shard {s['path']}: first_id {s['first_id']} != expected {nxt}")
+            nxt += s["num_rows"]
+        if nxt != self.num_keys:
+            raise ManifestError(f"shards hold {nxt} rows but num_keys is {self.num_keys}")
+
+
+def load_manifest(storage: Storage) -> Manifest:
+    try:
+        raw = storage.read_text(MANIFEST)
+    except NotFound:
+        raise ManifestError(f"{storage.url(MANIFEST)} not found: {storage.uri} is not a finished datastore "
+                            "(run `knnlm build` first, or rerun it to finish)") from None
+    try:
+        m = Manifest.from_dict(json.loads(raw))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ManifestError(f"{storage.url(MANIFEST)} is not a valid manifest: {e}") from None
+    m.validate()
+    return m
+
+
+def compare_identity(have: dict, want: dict, where: str) -> None:
+    """Raise if a build request differs from what built (or is building) `where`."""
+    diffs = []
+    for k, flag in IDENTITY_FLAGS.items():
+        if k in have and k in want and have[k] != want[k]:
+            a, b = have[k], want[k]
+            if k == "inputs":
+                a, b = f"{len(a)} inputs starting {a[:2]}", f"{len(b)} inputs starting {b[:2]}"
+            diffs.append(f"{k} ({flag}): the datastore has {a!r}, this run asks for {b!r}")
+    if diffs:
+        raise ManifestError(f"{where} was built with different settings:\n  " + "\n  ".join(diffs) +
+                            "\nUse a new --out, or rerun with the original settings.")

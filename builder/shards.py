@@ -1,0 +1,86 @@
+"""Key shards: the schema, encoding a shard to bytes, reading one back.
+
+A shard is a Parquet file with one row per datastore entry:
+
+| column | type | meaning |
+|---|---|---|
+| key   | fixed_size_binary(2*dim) | the key: dim float16 values, little-endian |
+| value | int32 | the token id that follows the key's context |
+| doc   | int64 | document index in corpus order (`document` mode) / input file index (`stream` mode) |
+| pos   | int64 | position of the value token in its sequence |
+
+Global id of a row = the shard's `first_id` (manifest) + row index.
+
+Why fixed_size_binary and not list<halffloat>: measured here, Parquet wrote a 768-dim
+fixed_size_binary key column at ~430 MB/s vs ~28 MB/s for fixed_size_list<halffloat>
+(the developers' guide saw 1.9 GB/s vs 40 MB/s on an H100 host). Keys are not
+compressed (fp16 noise does not compress); the small columns are zstd-compressed.
+Row groups are small (16k rows by default) so index training can sample random row groups.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_FORMAT = "parquet"
+COLUMNS = ("key", "value", "doc", "pos")
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema([("key", pa.binary(2 * dim)), ("value", pa.int32()), ("doc", pa.int64()), ("pos", pa.int64())])
+
+
+def _le_f16(keys: np.ndarray) -> np.ndarray:
+    keys = np.ascontiguousarray(keys, dtype=np.float16)
+    if sys.byteorder != "little":
+        keys = keys.byteswap()
+    return keys
+
+
+def to_table(keys: np.ndarray, values: np.ndarray, doc: np.ndarray, pos: np.ndarray) -> pa.Table:
+    """keys (n, d) float16; values (n,) int32; doc, pos (n,) int64 → Arrow table (zero-copy keys)."""
+    n, d = keys.shape
+    buf = pa.py_buffer(_le_f16(keys))
+    key_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * d), n, [None, buf])
+    return pa.Table.from_arrays(
+        [key_col, pa.array(np.asarray(values, np.int32)), pa.array(np.asarray(doc, np.int64)),
+         pa.array(np.asarray(pos, np.int64))], schema=schema(d))
+
+
+def encode_shard(keys: np.ndarray, values: np.ndarray, doc: np.ndarray, pos: np.ndarray,
+                 row_group_rows: int = 16384) -> tuple[bytes, str]:
+    """Shard bytes and their checksum ("sha256:<hex>")."""
+    table = to_table(keys, values, doc, pos)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=row_group_rows,
+                   compression={"key": "none", "value": "zstd", "doc": "zstd", "pos": "zstd"},
+                   use_dictionary=["value", "doc", "pos"], write_statistics=["value", "doc", "pos"])
+    data = sink.getvalue()
+    return data, checksum(data)
+
+
+def checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def decode_keys(col: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
+    """key column → (n, dim) float16 array."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    buf = col.buffers()[1]
+    arr = np.frombuffer(buf, dtype="<f2", count=len(col) * dim, offset=col.offset * 2 * dim)
+    return arr.reshape(len(col), dim).astype(np.float16, copy=False)
+
+
+def read_shard(data: bytes, dim: int, columns: tuple[str, ...] = COLUMNS) -> dict[str, np.ndarray]:
+    """Shard bytes → dict of numpy arrays (key as (n, dim) float16)."""
+    t = pq.read_table(pa.BufferReader(data), columns=list(columns))
+    out = {}
+    for c in columns:
+        out[c] = decode_keys(t.column(c), dim) if c == "key" else t.column(c).to_numpy()
+    return out

@@ -1,0 +1,174 @@
+"""The key stage for one work unit: tokens → keys → committed shards. Pure core + paths.
+
+A unit's shards get deterministic names; the unit is committed when its record
+`_build/units/<id>.json` (listing its shards, rows and checksums) exists. Shards are
+written before the record, so a unit killed midway leaves only unlisted shards that
+its retry overwrites with the same bytes.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from builder.corpus import Unit, plan_windows
+from builder.keys import KeyEncoder, WindowJob, compute_keys
+from builder.shards import encode_shard
+from cluster.storage import Storage
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "KNNLM_FAULT_INJECT"  # tests: "exit:<unit id>:<marker file>" kills the worker mid-unit once
+
+
+class UnitError(RuntimeError):
+    """A unit failed because of its data (e.g. a non-finite key); retrying will not help."""
+
+
+def tokens_path(file_index: int) -> str:
+    return f"tokens/{file_index:06d}.bin"
+
+
+def tokens_meta_path(file_index: int) -> str:
+    return f"tokens/{file_index:06d}.json"
+
+
+def shard_path(unit_id: int, part: int) -> str:
+    return f"shards/{unit_id:07d}-{part:03d}.parquet"
+
+
+def unit_record_path(unit_id: int) -> str:
+    return f"_build/units/{unit_id:07d}.json"
+
+
+@dataclass
+class UnitParams:
+    window: int
+    min_context: int
+    mode: str
+    batch_size: int
+    shard_rows: int
+    row_group_rows: int
+    file_uri: str          # for error messages
+    doc_base: int          # document index of the file's record 0 (document mode)
+    pad_id: int = 0
+
+
+def unit_token_range(unit: Unit, window: int, min_context: int) -> tuple[int, int]:
+    """[start, end) in the file's token array that the unit reads (its context included)."""
+    first, last = unit.segments[0], unit.segments[-1]
+    s0 = max(s for (s, _, a, _) in plan_windows(first.length, window, min_context) if a <= first.t0)
+    return first.offset + s0, last.offset + last.t1
+
+
+def unit_jobs(unit: Unit, window: int, min_context: int) -> list[tuple[int, int, int, int]]:
+    """The windows a unit runs, in output order: (segment index, window start, a, b).
+
+    The window [start, b) runs forward; it emits keys for targets [a, b) (key position t-1)."""
+    jobs = []
+    for si, seg in enumerate(unit.segments):
+        for (s, e, a, b) in plan_windows(seg.length, window, min_context):
+            if b > a and a >= seg.t0 and b <= seg.t1:
+                jobs.append((si, s, a, b))
+    return jobs
+
+
+def compute_unit(unit: Unit, tokens: np.ndarray, base: int, encoder: KeyEncoder, p: UnitParams):
+    """Yield row blocks (keys, values, doc, pos) of the unit in target order.
+
+    `tokens` is the unit's slice of the file's token array starting at file offset `base`."""
+    jobs = unit_jobs(unit, p.window, p.min_context)
+    chunk = max(1, p.batch_size) * 16  # sort-by-length batching within a chunk, output in order
+    for c in range(0, len(jobs), chunk):
+        part = jobs[c:c + chunk]
+        wj = []
+        for (si, s, a, b) in part:
+            seg = unit.segments[si]
+            o = seg.offset - base
+            # forward tokens [s, b); keep hidden states at positions a-1 .. b-2 (keys of targets a .. b-1)
+            wj.append(WindowJob(tokens[o + s:o + b], a - 1 - s, b - 1 - s))
+        keys = compute_keys(wj, encoder, p.batch_size, p.pad_id)
+        for (si, s, a, b), k in zip(part, keys):
+            seg = unit.segments[si]
+            if not np.isfinite(k).all():
+                bad = int(np.argwhere(~np.isfinite(k).all(axis=1))[0, 0])
+                where = (f"document {p.doc_base + seg.record} ({p.file_uri}, record {seg.record})"
+                         if p.mode == "document" else f"{p.file_uri}")
+                raise UnitError(f"non-finite key in {where} for the token at position {a + bad} (key position "
+                                f"{a + bad - 1}): the model overflows in {encoder.dtype}; try --compute-dtype "
+                                "float32 or bfloat16")
+            o = seg.offset - base
+            values = tokens[o + a:o + b].astype(np.int32)
+            doc = p.doc_base + seg.record if p.mode == "document" else p.doc_base
+            yield k, values, np.full(b - a, doc, np.int64), np.arange(a, b, dtype=np.int64)
+
+
+def _maybe_fault(unit_id: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    kind, uid, marker = spec.split(":", 2)
+    if kind == "exit" and int(uid) == unit_id and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.error("fault injection: exiting mid-unit %d", unit_id)
+        os._exit(1)
+
+
+def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams) -> dict:
+    """Compute a unit's keys, write its shards, commit its record; return the record."""
+    t_start = time.perf_counter()
+    lo, hi = unit_token_range(unit, p.window, p.min_context)
+    raw = storage.read_range(tokens_path(unit.file), 4 * lo, 4 * hi)
+    tokens = np.frombuffer(raw, dtype="<i4")
+    if tokens.size != hi - lo:
+        raise UnitError(f"{storage.url(tokens_path(unit.file))} is truncated: expected tokens [{lo}, {hi})")
+
+    shards: list[dict] = []
+    buf: list[tuple[np.ndarray, ...]] = []
+    buffered = 0
+    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-writer")
+    inflight: list[cf.Future] = []
+
+    def write(part: int, cols: list[np.ndarray]) -> dict:
+        data, digest = encode_shard(*cols, row_group_rows=p.row_group_rows)
+        path = shard_path(unit.id, part)
+        storage.write_bytes(path, data)
+        return {"path": path, "num_rows": int(len(cols[1])), "checksum": digest, "bytes": len(data)}
+
+    def flush(n_rows: int):
+        nonlocal buf, buffered
+        cols = [np.concatenate([b[i] for b in buf]) for i in range(4)]
+        head = [c[:n_rows] for c in cols]
+        tail = [c[n_rows:] for c in cols]
+        buf = [tuple(tail)] if len(tail[1]) else []
+        buffered = len(tail[1])
+        # write in the background while the next batches compute; at most 2 shards in memory
+        while len(inflight) >= 2:
+            shards.append(inflight.pop(0).result())
+        inflight.append(pool.submit(write, len(shards) + len(inflight), head))
+        _maybe_fault(unit.id)
+
+    try:
+        for block in compute_unit(unit, tokens, lo, encoder, p):
+            buf.append(block)
+            buffered += len(block[1])
+            while buffered >= p.shard_rows:
+                flush(p.shard_rows)
+        if buffered:
+            flush(buffered)
+        for f in inflight:
+            shards.append(f.result())
+    finally:
+        pool.shutdown(wait=True)
+    n = sum(s["num_rows"] for s in shards)
+    if n != unit.num_targets:
+        raise UnitError(f"unit {unit.id}: wrote {n} rows, expected {unit.num_targets}")
+    record = {"unit": unit.id, "file": unit.file, "num_rows": n, "shards": shards,
+              "seconds": round(time.perf_counter() - t_start, 3)}
+    storage.write_text(unit_record_path(unit.id), json.dumps(record))
+    return record

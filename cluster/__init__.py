@@ -1,0 +1,1 @@
+"""Cluster side: storage URIs, the Ray runtime, the `knnlm` command line."""

@@ -1,0 +1,130 @@
+"""The `knnlm` command line: one console script, one subcommand per stage."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("knnlm")
+
+
+def _add_build(sub) -> None:
+    from builder.config import DEVICES, FORMATS, KEY_LAYERS, MODES, BuildConfig
+    d = BuildConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "build", help="compute a datastore's keys from a corpus into shards (resumable)",
+        description="Build a kNN-LM datastore: tokenize the corpus with the model's tokenizer, compute one key "
+                    "per token (the LM's hidden state at --key-layer for the context before it) on Ray workers, "
+                    "and write Parquet shards plus manifest.json under --out. Rerunning the same command resumes "
+                    "an interrupted build; rerunning a finished one does nothing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH_OR_URI",
+                   help="input files, directories, globs (sorted) or s3:// URIs/prefixes, in corpus order")
+    p.add_argument("--model", required=True, help="Hugging Face causal LM: local directory or hub id")
+    p.add_argument("--out", required=True, metavar="URI", help="datastore root: a local path, file:// or s3://bucket/prefix")
+    p.add_argument("--key-layer", choices=KEY_LAYERS, default=d["key_layer"].default,
+                   help="ffn_input: input of the last block's feed-forward (after its layer norm; the paper's best); "
+                        "final_hidden: input of the LM head")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per forward window (default: the model's maximum positions, capped at 1024)")
+    p.add_argument("--min-context", type=int, default=None,
+                   help="tokens of context a window re-reads from the previous one (default: window/2)")
+    p.add_argument("--mode", choices=MODES, default=d["mode"].default,
+                   help="document: each document is its own sequence; stream: each input file is one sequence "
+                        "and contexts run across its documents (WikiText-103 style)")
+    p.add_argument("--format", choices=FORMATS, default=d["format"].default,
+                   help="auto: .jsonl/.json → jsonl, .parquet → parquet, .tokens → wikitext, else text "
+                        "(a text file is one document; wikitext: a line ' = Title = ' starts an article)")
+    p.add_argument("--text-field", default=d["text_field"].default, help="JSONL field / Parquet column holding the text")
+    p.add_argument("--shard-rows", type=int, default=d["shard_rows"].default, help="most rows per shard file")
+    p.add_argument("--unit-tokens", type=int, default=d["unit_tokens"].default,
+                   help="keys per work unit (the unit of dispatch, retry and resume)")
+    p.add_argument("--row-group-rows", type=int, default=d["row_group_rows"].default,
+                   help="Parquet row group size (the granularity of index-training samples)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="key workers (default: one per GPU of the cluster, else one CPU worker using all cores)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address as ray.init takes it (e.g. ray://head:10001 or auto); "
+                        "default: start an embedded local Ray")
+    p.add_argument("--device", choices=DEVICES, default=d["device"].default)
+    p.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the forward pass (auto: bfloat16 on GPU, float32 on CPU); keys are stored as float16")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="windows per forward pass")
+    p.add_argument("--lease-ttl", type=float, default=d["lease_ttl"].default,
+                   help="seconds after its last renewal when a dead build's lease may be taken over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(a) -> int:
+    from builder.build import build
+    from builder.config import BuildConfig
+    cfg = BuildConfig(corpus=a.corpus, model=a.model, out=a.out, key_layer=a.key_layer, window=a.window,
+                      min_context=a.min_context, mode=a.mode, format=a.format, text_field=a.text_field,
+                      shard_rows=a.shard_rows, unit_tokens=a.unit_tokens, row_group_rows=a.row_group_rows,
+                      workers=a.workers, address=a.address, device=a.device, compute_dtype=a.compute_dtype,
+                      batch_size=a.batch_size, lease_ttl=a.lease_ttl,
+                      progress=not a.no_progress and sys.stderr.isatty())
+    res = build(cfg)
+    print(res.summary())
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print a datastore's manifest summary (or the whole manifest with --json)")
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(a) -> int:
+    from builder.manifest import load_manifest
+    from cluster.storage import Storage
+    m = load_manifest(Storage.from_uri(a.datastore))
+    if a.json:
+        print(m.to_json())
+        return 0
+    summary = {"num_keys": m.num_keys, "dim": m.dim, "shards": len(m.shards), "model": m.model["name"],
+               "key_layer": m.key_layer, "key_module": m.key_module, "window": m.window,
+               "min_context": m.min_context, "mode": m.mode, "compute_dtype": m.compute_dtype,
+               "documents": m.corpus.get("num_documents"), "skipped_documents": m.corpus.get("skipped_documents")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnlm", description="Build and serve kNN-LM datastores at scale.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(sub)
+    _add_info(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="knnlm: %(levelname)s: %(message)s" if args.verbose else "knnlm: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from builder.build import BuildError
+    from builder.config import ConfigError
+    from builder.manifest import ManifestError
+    from cluster.storage import StorageError
+    try:
+        return args.func(args)
+    except (BuildError, ConfigError, ManifestError, StorageError) as e:
+        if args.verbose:
+            raise
+        print(f"knnlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"knnlm {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

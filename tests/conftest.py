@@ -1,0 +1,160 @@
+"""Shared fixtures: tiny HF models with real tokenizers, an embedded Ray, a moto S3 server.
+
+Nothing is downloaded: models are built from configs with seeded random weights and
+tokenizers are trained with the `tokenizers` library, then saved with save_pretrained
+so the real loading path runs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+# S3 settings must be in the environment before Ray starts: Ray workers inherit it.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MOTO_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "0",
+})
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.abspath(os.path.join(REPO, "..", "shared"))
+SHARED_MODEL = os.path.join(SHARED, "models", "gpt2-wikitext2-small")
+WIKITEXT_SPLITS = os.path.join(SHARED, "data", "wikitext-2-splits")
+
+TRAIN_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A kNN-LM interpolates a language model with nearest neighbours from a datastore.",
+    "Valkyria Chronicles III is a tactical role-playing game developed by Sega.",
+    "In 1998 the river flooded the valley, and 3,000 people moved to the hills.",
+    "Tokens, keys and values: every corpus token becomes one entry of the datastore.",
+]
+
+
+def make_tokenizer(path: str, bos: bool = False, vocab_size: int = 400):
+    """Byte-level BPE trained on a fixed text (deterministic), saved as a HF fast tokenizer.
+    With bos=True it adds <s> in front of every text, like a Llama tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TRAIN_TEXT * 20, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, seed: int = 0,
+                    bos: bool | None = None) -> str:
+    """A tiny random causal LM of the given family saved at `path` with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if bos is None:
+        bos = family == "llama"
+    tok = make_tokenizer(path, bos=bos)
+    v = len(tok)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=max_positions, vocab_size=v,
+                         bos_token_id=0, eos_token_id=1)
+    elif family == "neox":
+        cfg = GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=max_positions, vocab_size=v, use_parallel_residual=True,
+                            bos_token_id=0, eos_token_id=1)
+    elif family == "llama":
+        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64, max_position_embeddings=max_positions, vocab_size=v,
+                          bos_token_id=0, eos_token_id=1)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # larger weights than the default init: keys that differ visibly
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{'gpt2': path, 'neox': path, 'llama': path} (64 positions each)."""
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_model(str(root / f), f) for f in ("gpt2", "neox", "llama")}
+
+
+@pytest.fixture(scope="session")
+def gpt2_model(tiny_models):
+    return tiny_models["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for the whole session (builds reuse an initialised Ray)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=0.5):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    yield os.environ["AWS_ENDPOINT_URL"]
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields its name."""
+    import boto3
+    name = f"knnlm-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    yield name
+
+
+def write_text(path, text: str | bytes) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+    return path

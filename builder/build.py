@@ -80,6 +80,9 @@ class KeyWorkerImpl:
         self.storage = Storage.from_uri(root_uri)
         self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
 
+    def ping(self) -> bool:
+        return True
+
     def run(self, unit: dict, params: dict) -> dict:
         return run_unit(Unit.from_dict(unit), self.storage, self.encoder, UnitParams(**params))
 
@@ -158,9 +161,12 @@ def build(cfg: BuildConfig) -> BuildResult:
 
     # a finished datastore: nothing to do (or a clear refusal), without starting Ray
     if storage.exists(MANIFEST):
-        m = load_manifest(storage)
-        compare_identity(m.identity, _identity(cfg, info, window, min_context, inputs, _explicit_dtype(cfg)),
-                         storage.uri)
+        try:
+            m = load_manifest(storage)
+            compare_identity(m.identity, _identity(cfg, info, window, min_context, inputs, _explicit_dtype(cfg)),
+                             storage.uri)
+        except USER_ERRORS as e:
+            raise BuildError(str(e)) from None
         log.info("%s is already complete (%d keys); nothing to do", storage.uri, m.num_keys)
         return BuildResult(m, already_complete=True)
     try:
@@ -327,34 +333,72 @@ def _start_workers(cfg, storage, info, use_cuda, cpus, gpus, compute_dtype) -> l
 
 
 def _run_key_stage(cfg, lease, actors, units, params, records, total, done_before) -> int:
+    """Dispatch units to the worker actors with backpressure; redo the units of dead workers.
+
+    A worker that dies is restarted by Ray; until a ping answers, nothing is sent to it.
+    A unit lost with its worker is requeued (at most MAX_UNIT_ATTEMPTS times when the
+    failure came from the unit itself); a worker that cannot start ends the build with
+    its own error."""
     import ray
+    import ray.exceptions as rex
     from tqdm import tqdm
 
-    n_workers = len(actors)
     queue = collections.deque(units)
     attempts: collections.Counter = collections.Counter()
     inflight: dict = {}                  # ref -> (unit, actor index)
-    load = [0] * n_workers
+    pings: dict = {}                     # ref -> actor index (a restarting worker)
+    alive = set(range(len(actors)))
+    healthy = set(alive)
+    load = [0] * len(actors)
     written = 0
     bar = tqdm(total=total, initial=done_before, unit="key", unit_scale=True, disable=not cfg.progress,
                desc="keys", smoothing=0.1, dynamic_ncols=True)
+
+    def worker_down(a: int, e: BaseException) -> None:
+        healthy.discard(a)
+        if isinstance(e, rex.ActorDiedError) and not isinstance(e, rex.ActorUnavailableError) and \
+                getattr(e, "cause", None) is not None:
+            alive.discard(a)  # its constructor failed: it will not come back
+            if not alive:
+                raise _unwrap(e, "starting the key workers") from None
+        elif a not in pings.values():
+            pings[actors[a].ping.remote()] = a
+
     try:
         while queue or inflight:
             # backpressure: at most 2 units per worker (one running, one queued behind it)
-            for a in sorted(range(n_workers), key=lambda j: load[j]):
+            for a in sorted(healthy, key=lambda j: load[j]):
                 while queue and load[a] < 2:
                     u = queue.popleft()
-                    ref = actors[a].run.remote(u.to_dict(), params(u))
-                    inflight[ref] = (u, a)
+                    inflight[actors[a].run.remote(u.to_dict(), params(u))] = (u, a)
                     load[a] += 1
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(1.0, lease.interval))
+            if not inflight and not pings:
+                raise BuildError("no key worker is available")
+            ready, _ = ray.wait(list(inflight) + list(pings), num_returns=1, timeout=max(1.0, lease.interval))
             if lease.lost:
                 raise LeaseError(lease.lost)
             for ref in ready:
+                if ref in pings:
+                    a = pings.pop(ref)
+                    try:
+                        ray.get(ref)
+                        healthy.add(a)
+                        log.info("key worker %d is back", a)
+                    except Exception as e:
+                        time.sleep(0.5)
+                        worker_down(a, e)
+                    continue
                 u, a = inflight.pop(ref)
                 load[a] -= 1
                 try:
                     rec = ray.get(ref)
+                except (rex.RayActorError, rex.WorkerCrashedError) as e:
+                    # the worker died (or was restarting): the unit is redone elsewhere
+                    log.warning("key worker %d died during unit %d (%s); the unit will run again", a, u.id,
+                                type(e).__name__)
+                    queue.appendleft(u)
+                    worker_down(a, e)
+                    continue
                 except Exception as e:
                     attempts[u.id] += 1
                     if _retryable(e) and attempts[u.id] < MAX_UNIT_ATTEMPTS:

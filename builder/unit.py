@@ -23,7 +23,9 @@ from cluster.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "KNNLM_FAULT_INJECT"  # tests: "exit:<unit id>:<marker file>" kills the worker mid-unit once
+# Fault injection for tests: KNNLM_FAULT_FILE names a file; while it holds "exit:<unit id>:<marker>",
+# the worker running that unit exits mid-unit (after its first shard) once, leaving <marker>.
+FAULT_ENV = "KNNLM_FAULT_FILE"
 
 
 class UnitError(RuntimeError):
@@ -109,7 +111,11 @@ def compute_unit(unit: Unit, tokens: np.ndarray, base: int, encoder: KeyEncoder,
 
 
 def _maybe_fault(unit_id: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
+    path = os.environ.get(FAULT_ENV)
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        spec = f.read().strip()
     if not spec:
         return
     kind, uid, marker = spec.split(":", 2)

@@ -130,6 +130,9 @@ class Storage:
 
     uri: str
 
+    def __post_init__(self):
+        pass
+
     @staticmethod
     def from_uri(uri: str) -> "Storage":
         uri = normalize_uri(uri)

@@ -31,6 +31,8 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
+    # tests write "exit:<unit>:<marker>" here to kill a key worker mid-unit (builder/unit.py)
+    "KNNLM_FAULT_FILE": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"knnlm-fault-{os.getpid()}.txt"),
 })
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,108 @@
+"""Keys equal an independent reference: a hook / output_hidden_states on a plain full forward."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from builder.corpus import Segment, Unit
+from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, load_encoder
+from builder.unit import UnitParams, compute_unit, unit_token_range
+
+# the last block's feed-forward, written out per family (independent of find_key_module)
+LAST_FFN = {"gpt2": lambda m: m.transformer.h[-1].mlp, "neox": lambda m: m.gpt_neox.layers[-1].mlp,
+            "llama": lambda m: m.model.layers[-1].mlp}
+
+
+def reference_keys(model, family, key_layer, tokens, window, min_context):
+    """Key of every target t >= 1 from a plain forward of its window, computed independently."""
+    n = len(tokens)
+    stride = window - min_context
+    out = np.zeros((n, model.config.hidden_size), np.float32)
+    cache = {}
+    for t in range(1, n):
+        k = max(0, -(-(t - window + 1) // stride))  # smallest k with t < k*stride + window
+        s = k * stride
+        assert s < t < min(s + window, n)
+        if s not in cache:
+            ids = torch.tensor(tokens[s:min(s + window, n)], dtype=torch.long)[None]
+            captured = {}
+            h = LAST_FFN[family](model).register_forward_hook(lambda m, a, o: captured.update(x=a[0]))
+            with torch.no_grad():
+                model(ids)  # the plain full forward, LM head included
+                last = model.base_model(ids).last_hidden_state  # after the final norm: the LM head's input
+            h.remove()
+            cache[s] = (captured["x"] if key_layer == "ffn_input" else last)[0].numpy()
+        out[t] = cache[s][t - 1 - s]
+    return out[1:]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("key_layer", ["ffn_input", "final_hidden"])
+def test_unit_keys_equal_reference(tiny_models, family, key_layer):
+    path = tiny_models[family]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    lengths = [150, 5, 33]
+    tokens = rng.integers(2, model.config.vocab_size, sum(lengths)).astype(np.int32)
+    window, min_context = 24, 10
+    enc = load_encoder(path, key_layer, "cpu", "float32")
+    p = UnitParams(window=window, min_context=min_context, mode="document", batch_size=3, shard_rows=10 ** 6,
+                   row_group_rows=1000, file_uri="mem", doc_base=100)
+    offs = np.concatenate([[0], np.cumsum(lengths)])
+    for i, n in enumerate(lengths):
+        ref = reference_keys(model, family, key_layer, tokens[offs[i]:offs[i + 1]].tolist(), window, min_context)
+        # the whole sequence as one unit, and split at a window boundary inside the sequence
+        bounds = [(1, n)] + ([(1, 24), (24, 38), (38, n)] if n == 150 else [])
+        got = []
+        for (t0, t1) in bounds:
+            unit = Unit(0, 0, (Segment(i, int(offs[i]), n, t0, t1, i),))
+            lo, hi = unit_token_range(unit, window, min_context)
+            rows = list(compute_unit(unit, tokens[lo:hi], lo, enc, p))
+            keys = np.concatenate([r[0] for r in rows])
+            vals = np.concatenate([r[1] for r in rows])
+            doc = np.concatenate([r[2] for r in rows])
+            pos = np.concatenate([r[3] for r in rows])
+            assert keys.dtype == np.float16 and keys.shape == (t1 - t0, 32)
+            np.testing.assert_array_equal(pos, np.arange(t0, t1))
+            np.testing.assert_array_equal(vals, tokens[offs[i] + t0:offs[i] + t1])
+            assert (doc == 100 + i).all()
+            got.append(keys)
+        whole = got[0].astype(np.float32)
+        np.testing.assert_allclose(whole, ref, rtol=1e-2, atol=2e-3)
+        if len(got) > 1:  # a unit starting inside a sequence re-reads its context: same keys
+            np.testing.assert_array_equal(np.concatenate(got[1:]), got[0])
+
+
+def test_forward_stops_at_key_layer(gpt2_model):
+    enc = load_encoder(gpt2_model, "ffn_input", "cpu", "float32")
+    called = []
+    enc.model.lm_head.register_forward_hook(lambda *a: called.append("lm_head"))
+    enc.model.transformer.h[-1].mlp.register_forward_hook(lambda *a: called.append("mlp"))
+    enc.model.transformer.ln_f.register_forward_hook(lambda *a: called.append("ln_f"))
+    out = enc(torch.arange(2, 12)[None])
+    assert out.shape == (1, 10, 32)
+    assert called == []
+
+
+def test_batching_does_not_change_keys(gpt2_model):
+    enc = load_encoder(gpt2_model, "ffn_input", "cpu", "float32")
+    rng = np.random.default_rng(1)
+    jobs = [WindowJob(rng.integers(2, 300, n), 1, n) for n in (20, 7, 33, 2, 15)]
+    a = compute_keys(jobs, enc, batch_size=1)
+    b = compute_keys(jobs, enc, batch_size=4)
+    for x, y, j in zip(a, b, jobs):
+        assert x.shape == (j.hi - j.lo, 32)
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
+
+
+def test_unknown_architecture_is_named(gpt2_model):
+    model = AutoModelForCausalLM.from_pretrained(gpt2_model)
+    del model.transformer.h[-1].mlp
+    model.transformer.h[-1].add_module("weird", torch.nn.Identity())
+    with pytest.raises(KeyLayerError, match="GPT2LMHeadModel"):
+        find_key_module(model, "ffn_input")
+    with pytest.raises(KeyLayerError, match="--key-layer"):
+        find_key_module(model, "middle")
+    assert find_key_module(model, "final_hidden")[0] == "lm_head"
+    with pytest.raises(KeyLayerError):
+        KeyEncoder(model, "ffn_input")

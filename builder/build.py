@@ -246,9 +246,13 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
         log.warning("... and %d more skipped documents", len(skipped) - SHOW_SKIPPED)
     total = sum(count_targets(m["seq_lengths"]) for m in metas)
     if total == 0:
+        # nothing to resume: forget the tokenized inputs so a rerun after fixing the corpus reads it again
+        storage.delete_prefix("tokens/")
+        storage.delete(REQUEST)
+        first = f"; first: {skipped[0][0]} {skipped[0][1]['where']}: {skipped[0][1]['reason']}" if skipped else ""
         raise BuildError(f"the corpus ({len(inputs)} input files) has no usable document: "
-                         f"{len(skipped)} skipped (empty, undecodable or shorter than 2 tokens); check --corpus "
-                         "and --format")
+                         f"{len(skipped)} skipped (empty, undecodable, without the text field or shorter than "
+                         f"2 tokens){first}; check --corpus, --format and --text-field")
 
     # ---- plan -----------------------------------------------------------------------------
     doc_base = np.concatenate([[0], np.cumsum([m["num_records"] for m in metas])]).tolist()

@@ -205,6 +205,7 @@ def test_no_usable_document(capsys, tmp_path, gpt2_model, ray_cluster):
     out = tmp_path / "out"
     err = run_fail(capsys, build_args(d, gpt2_model, out))
     assert "no usable document" in err and "4 skipped" in err and "--corpus" in err
+    assert f"{d / 'a_empty.txt'} file: empty document" in err  # the first skipped document, named
     assert_nothing_committed(out)
     # fixing the corpus in place and rerunning the same command then builds
     write_text(d / "b_blank.txt", GOOD[1])

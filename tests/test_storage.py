@@ -1,0 +1,116 @@
+"""Storage primitives and the lease, on local disk and on a real S3-compatible server."""
+import json
+import threading
+import time
+
+import pytest
+
+from builder.lease import LEASE, Lease, LeaseError
+from cluster.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
+from conftest import write_text
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return Storage.from_uri(str(tmp_path / "root"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return Storage.from_uri(f"s3://{bucket}/some/prefix/")
+
+
+def test_primitives(storage):
+    with pytest.raises(NotFound):
+        storage.read_bytes("a/b.bin")
+    assert not storage.exists("a/b.bin")
+    storage.write_bytes("a/b.bin", bytes(range(100)))
+    assert storage.exists("a/b.bin")
+    assert storage.read_bytes("a/b.bin") == bytes(range(100))
+    assert storage.read_range("a/b.bin", 10, 20) == bytes(range(10, 20))
+    storage.write_bytes("a/b.bin", b"new")  # atomic overwrite
+    assert storage.read_bytes("a/b.bin") == b"new"
+    storage.write_text("a/c.json", "{}")
+    storage.write_text("z.json", "1")
+    assert storage.list("a/") == ["a/b.bin", "a/c.json"]
+    assert storage.list() == ["a/b.bin", "a/c.json", "z.json"]
+    assert storage.create_exclusive("lock", b"one")
+    assert not storage.create_exclusive("lock", b"two")
+    assert storage.read_bytes("lock") == b"one"
+    assert not storage.replace_if("lock", b"three", expected=b"wrong")
+    assert storage.replace_if("lock", b"three", expected=b"one")
+    assert storage.read_bytes("lock") == b"three"
+    assert storage.delete_prefix("a/") == 2
+    assert storage.list("a/") == []
+    storage.check_writable()
+
+
+def test_create_exclusive_has_one_winner(storage):
+    wins = []
+
+    def go(i):
+        if storage.create_exclusive("race", str(i).encode()):
+            wins.append(i)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and storage.read_bytes("race") == str(wins[0]).encode()
+
+
+def test_lease_refuses_live_holder_and_takes_over_dead_one(storage, caplog):
+    a = Lease(storage, ttl=1.2)
+    a.acquire()
+    b = Lease(storage, ttl=1.2)
+    t0 = time.time()
+    with pytest.raises(LeaseError, match="another build is running"):
+        b.acquire()
+    assert time.time() - t0 < 1.2  # refused as soon as it sees a renewal
+    # the holder dies: it stops renewing without releasing
+    a._stop.set()
+    a._thread.join()
+    caplog.set_level("WARNING")
+    c = Lease(storage, ttl=1.2)
+    t0 = time.time()
+    c.acquire()
+    assert time.time() - t0 >= 0.3
+    assert "took over" in caplog.text
+    # the old holder finds out before it commits anything
+    with pytest.raises(LeaseError, match="lost the build lease"):
+        a.check()
+    c.release()
+    assert not storage.exists(LEASE)
+
+
+def test_expand_inputs_local(tmp_path):
+    for n in ("b.txt", "a.txt", "sub/c.txt"):
+        write_text(tmp_path / "c" / n, n)
+    d = str(tmp_path / "c")
+    assert expand_inputs([d]) == [f"{d}/a.txt", f"{d}/b.txt", f"{d}/sub/c.txt"]
+    assert expand_inputs([f"{d}/*.txt"]) == [f"{d}/a.txt", f"{d}/b.txt"]
+    assert expand_inputs([f"{d}/b.txt", f"{d}/a.txt"]) == [f"{d}/b.txt", f"{d}/a.txt"]  # order given
+    with pytest.raises(FileNotFoundError, match="--corpus .*nope"):
+        expand_inputs([f"{d}/nope.txt"])
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        expand_inputs([f"{d}/*.jsonl"])
+    with pytest.raises(ValueError, match="more than once"):
+        expand_inputs([f"{d}/a.txt", f"{d}/*.txt"])
+
+
+@pytest.mark.s3
+def test_expand_inputs_s3(s3_bucket):
+    import boto3
+    s3 = boto3.client("s3")
+    for k in ("x/2.jsonl", "x/1.jsonl", "x/sub/3.txt", "xy/4.txt"):
+        s3.put_object(Bucket=s3_bucket, Key=k, Body=b"{}")
+    b = f"s3://{s3_bucket}"
+    assert expand_inputs([f"{b}/x"]) == [f"{b}/x/1.jsonl", f"{b}/x/2.jsonl", f"{b}/x/sub/3.txt"]
+    assert expand_inputs([f"{b}/x/*.jsonl"]) == [f"{b}/x/1.jsonl", f"{b}/x/2.jsonl"]
+    assert expand_inputs([f"{b}/xy/4.txt"]) == [f"{b}/xy/4.txt"]
+
+
+def test_uris():
+    assert normalize_uri("s3://b/p/") == "s3://b/p"
+    assert split_s3("s3://bucket/a/b") == ("bucket", "a/b")
+    with pytest.raises(StorageError, match="credentials"):
+        split_s3("s3://key:secret@bucket/x")
+    assert normalize_uri("file:///tmp/x") == "/tmp/x"

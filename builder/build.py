@@ -30,10 +30,11 @@ from builder.modelinfo import ModelError, ModelInfo, inspect_model
 from builder.shards import SHARD_FORMAT
 from builder.unit import (UnitError, UnitParams, run_unit, tokens_meta_path, tokens_path,
                           unit_record_path)
-from cluster.storage import NotFound, Storage, StorageError, expand_inputs, read_uri
+from cluster.storage import NotFound, Storage, StorageError, expand_inputs, read_uri, size_uri
 
 log = logging.getLogger(__name__)
 MAX_UNIT_ATTEMPTS = 3
+PROGRESS_LOG_SECONDS = 30.0
 SHOW_SKIPPED = 20
 
 
@@ -223,6 +224,11 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
             metas[i] = json.loads(storage.read_text(tokens_meta_path(i)))
         except NotFound:
             todo.append(i)
+            continue
+        size = size_uri(inputs[i])
+        if size != metas[i]["bytes"]:
+            raise BuildError(f"--corpus {inputs[i]} changed since this unfinished build tokenized it "
+                             f"({metas[i]['bytes']} bytes then, {size} now); rerun with a new --out")
     if todo:
         log.info("tokenizing %d input files", len(todo))
         task = ray.remote(num_cpus=1, max_retries=2)(tokenize_input)
@@ -357,6 +363,7 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
     written = 0
     bar = tqdm(total=total, initial=done_before, unit="key", unit_scale=True, disable=not cfg.progress,
                desc="keys", smoothing=0.1, dynamic_ncols=True)
+    t_stage = last_log = time.monotonic()
 
     def worker_down(a: int, e: BaseException) -> None:
         healthy.discard(a)
@@ -415,11 +422,22 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
                 written += rec["num_rows"]
                 bar.update(rec["num_rows"])
                 bar.set_postfix(shards=sum(len(r["shards"]) for r in records.values()), refresh=False)
+                if not cfg.progress and time.monotonic() - last_log >= PROGRESS_LOG_SECONDS:
+                    last_log = time.monotonic()
+                    _log_progress(done_before + written, total, written, last_log - t_stage)
     finally:
         bar.close()
         for ref in inflight:
             ray.cancel(ref, force=False)
     return written
+
+
+def _log_progress(done: int, total: int, written: int, seconds: float) -> None:
+    """The progress bar's content as a log line (no terminal: CI, Ray jobs, nohup)."""
+    rate = written / seconds if seconds > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    log.info("keys %s/%s (%.0f%%), %s keys/s, ETA %s", f"{done:,}", f"{total:,}", 100.0 * done / max(total, 1),
+             f"{rate:,.0f}", time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
 
 
 def _versions() -> dict:

@@ -484,6 +484,14 @@ def expand_inputs(specs: list[str]) -> list[str]:
     return out
 
 
+def size_uri(uri: str) -> int:
+    """Size in bytes of an input object (local path, file:// or s3://)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return int(with_retries(lambda: s3_client().head_object(Bucket=bucket, Key=key), f"stat {uri}")["ContentLength"])
+    return os.path.getsize(local_path(uri))
+
+
 def read_uri(uri: str) -> bytes:
     """Read a whole input object (local path, file:// or s3://)."""
     if is_s3(uri):

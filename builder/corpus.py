@@ -182,6 +182,8 @@ def tokenize_file(data: bytes, uri: str, fmt: str, mode: str, tokenizer, text_fi
             for i, r in enumerate(records):
                 if r.skip:
                     skip(i, r.where, r.skip)
+                elif not r.text or not r.text.strip():
+                    skip(i, r.where, "empty document")
             good = [r.text for r in records if not r.skip and r.text and r.text.strip()]
             texts, idx = ([STREAM_RECORD_SEPARATOR.join(good)], [-1]) if good else ([], [])
     else:

@@ -101,9 +101,12 @@ def compute_unit(unit: Unit, tokens: np.ndarray, base: int, encoder: KeyEncoder,
                 bad = int(np.argwhere(~np.isfinite(k).all(axis=1))[0, 0])
                 where = (f"document {p.doc_base + seg.record} ({p.file_uri}, record {seg.record})"
                          if p.mode == "document" else f"{p.file_uri}")
+                dtype = str(encoder.dtype).replace("torch.", "")
+                hint = ("try --compute-dtype float32 or bfloat16" if dtype == "float16" else
+                        "use another --key-layer or model")
                 raise UnitError(f"non-finite key in {where} for the token at position {a + bad} (key position "
-                                f"{a + bad - 1}): the model overflows in {encoder.dtype}; try --compute-dtype "
-                                "float32 or bfloat16")
+                                f"{a + bad - 1}): the hidden state overflows in {dtype} or exceeds the float16 range "
+                                f"(+-65504) keys are stored in; {hint}")
             o = seg.offset - base
             values = tokens[o + a:o + b].astype(np.int32)
             doc = p.doc_base + seg.record if p.mode == "document" else p.doc_base

@@ -252,6 +252,8 @@ def test_non_finite_key(capsys, tmp_path, overflow_model, ray_cluster):
     out = tmp_path / "out"
     err = run_fail(capsys, build_args(path, overflow_model, out, "--compute-dtype", "float32"))
     assert "non-finite" in err and "document 0" in err and path in err and "position 1" in err
+    # the forward already ran in float32: the advice must not be to use float32
+    assert "float16 range" in err and "try --compute-dtype float32" not in err
     assert_nothing_committed(out)
 
 

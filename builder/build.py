@@ -15,26 +15,27 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from builder.config import BuildConfig, ConfigError
-from builder.corpus import InputError, Unit, count_targets, detect_format, plan_units, tokenize_file
-from builder.keys import KeyLayerError
+from builder.corpus import InputError, Unit, UnitError, count_targets, detect_format, plan_units, tokenize_file
+from builder.layout import tokens_meta_path, tokens_path, unit_record_path
 from builder.lease import Lease, LeaseError
 from builder.manifest import (MANIFEST, REQUEST, Manifest, ManifestError, compare_identity,
                               load_manifest)
-from builder.modelinfo import ModelError, ModelInfo, inspect_model
+from builder.modelinfo import ModelError, ModelInfo, config_max_positions, inspect_model, resolve_model_dir
 from builder.shards import SHARD_FORMAT
-from builder.unit import (UnitError, UnitParams, run_unit, tokens_meta_path, tokens_path,
-                          unit_record_path)
-from cluster.storage import NotFound, Storage, StorageError, expand_inputs, read_uri, size_uri
+from cluster.storage import (NotFound, Storage, StorageError, expand_inputs, is_s3, local_path, read_uri,
+                             size_uri)
 
 log = logging.getLogger(__name__)
 MAX_UNIT_ATTEMPTS = 3
 PROGRESS_LOG_SECONDS = 30.0
+DRIVER_TOKENIZE_BYTES = 32 << 20  # a local corpus this small is tokenized on the driver
 SHOW_SKIPPED = 20
 
 
@@ -42,8 +43,9 @@ class BuildError(RuntimeError):
     """A build failed for a reason stated in the message; nothing partial was committed."""
 
 
-USER_ERRORS = (ConfigError, InputError, UnitError, StorageError, ModelError, KeyLayerError, ManifestError,
-               LeaseError, FileNotFoundError, ValueError)
+# errors whose message is the whole story (KeyLayerError and the config errors are ValueErrors)
+USER_ERRORS = (ConfigError, InputError, UnitError, StorageError, ModelError, ManifestError, LeaseError,
+               FileNotFoundError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +68,34 @@ def tokenize_input(file_index: int, uri: str, fmt: str, mode: str, text_field: s
     return meta
 
 
+def _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas) -> None:
+    """Tokenize the inputs in `todo` into `metas`: on Ray tasks, or here for a small local corpus
+    (a Ray task's process would spend seconds importing transformers to save milliseconds)."""
+    import ray
+
+    local_bytes = sum(os.path.getsize(local_path(inputs[i])) for i in todo if not is_s3(inputs[i])) \
+        if not any(is_s3(inputs[i]) for i in todo) else None
+    if local_bytes is not None and local_bytes <= DRIVER_TOKENIZE_BYTES:
+        log.info("tokenizing %d input files (%.1f MB) on the driver", len(todo), local_bytes / 1e6)
+        for i in todo:
+            metas[i] = tokenize_input(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri)
+        return
+    log.info("tokenizing %d input files on Ray workers", len(todo))
+    task = ray.remote(num_cpus=1, max_retries=2)(tokenize_input)
+    refs = {task.remote(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri): i
+            for i in todo}
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=1)
+        i = refs.pop(done[0])
+        try:
+            metas[i] = ray.get(done[0])
+        except Exception as e:
+            for r in refs:
+                ray.cancel(r)
+            raise _unwrap(e, f"tokenizing {inputs[i]}") from None
+        lease.check()
+
+
 class KeyWorkerImpl:
     """Body of the key worker actor: holds the model, runs units."""
 
@@ -85,6 +115,7 @@ class KeyWorkerImpl:
         return True
 
     def run(self, unit: dict, params: dict) -> dict:
+        from builder.unit import UnitParams, run_unit
         return run_unit(Unit.from_dict(unit), self.storage, self.encoder, UnitParams(**params))
 
 
@@ -107,9 +138,10 @@ class BuildResult:
         if self.already_complete:
             return f"datastore is already complete: {m.num_keys:,} keys in {len(m.shards)} shards; nothing to do"
         rate = self.keys_written / self.seconds if self.seconds > 0 else 0.0
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stats.items())
         return (f"built {m.num_keys:,} keys in {len(m.shards)} shards in {self.seconds:.1f}s "
                 f"({rate:,.0f} keys/s this run; {self.units_run} units run, {self.units_skipped} already committed; "
-                f"{self.skipped_documents} documents skipped)")
+                f"{self.skipped_documents} documents skipped)" + (f"\nstage ends: {stages}" if stages else ""))
 
 
 def _identity(cfg: BuildConfig, info: ModelInfo, window: int, min_context: int, inputs: list[str],
@@ -142,27 +174,40 @@ def _unwrap(e: BaseException, what: str) -> BuildError:
 def _retryable(e: BaseException) -> bool:
     import ray.exceptions as rex
     cause = getattr(e, "cause", None)
-    if isinstance(cause, (UnitError, InputError, ModelError, KeyLayerError)):
+    if isinstance(cause, (UnitError, InputError, ModelError, ValueError)):
         return False
     return isinstance(e, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
                           rex.OutOfMemoryError)) or isinstance(cause, StorageError)
 
 
 def build(cfg: BuildConfig) -> BuildResult:
-    """Run (or resume) a build. Raises BuildError with an actionable message on bad input."""
+    """Run (or resume) a build. Raises BuildError with an actionable message on bad input.
+
+    Start-up is overlapped: the model is inspected (config, tokenizer, weight hash) while
+    Ray starts, and the key workers load the model while the driver takes the lease and
+    tokenizes the corpus."""
+    import concurrent.futures as cf
+
     t0 = time.perf_counter()
     try:
         inputs = expand_inputs(cfg.corpus)
         formats = [detect_format(u, cfg.format) for u in inputs]
-        info = inspect_model(cfg.model, cfg.key_layer)
-        window, min_context = cfg.resolve_window(info.max_positions)
+        model_dir = resolve_model_dir(cfg.model)
+        cfg.resolve_window(config_max_positions(model_dir))  # flag errors before anything is written
         storage = Storage.from_uri(cfg.out)
+        finished = storage.exists(MANIFEST)
+        if not finished:
+            storage.check_writable()
     except USER_ERRORS as e:
         raise BuildError(str(e)) from None
 
-    # a finished datastore: nothing to do (or a clear refusal), without starting Ray
-    if storage.exists(MANIFEST):
+    def inspect() -> tuple[ModelInfo, int, int]:
+        info = inspect_model(model_dir, cfg.key_layer, name=cfg.model)
+        return (info, *cfg.resolve_window(info.max_positions))
+
+    if finished:  # nothing to do (or a clear refusal), without starting Ray
         try:
+            info, window, min_context = inspect()
             m = load_manifest(storage)
             compare_identity(m.identity, _identity(cfg, info, window, min_context, inputs, _explicit_dtype(cfg)),
                              storage.uri)
@@ -170,40 +215,43 @@ def build(cfg: BuildConfig) -> BuildResult:
             raise BuildError(str(e)) from None
         log.info("%s is already complete (%d keys); nothing to do", storage.uri, m.num_keys)
         return BuildResult(m, already_complete=True)
-    try:
-        storage.check_writable()
-    except StorageError as e:
-        raise BuildError(str(e)) from None
 
-    from cluster.runtime import cluster_resources, ray_session
-    with ray_session(cfg.address) as ray:
-        cpus, gpus = cluster_resources()
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-        if cfg.device == "cuda" and gpus == 0:
-            raise BuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
-        compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else ("bfloat16" if use_cuda else "float32")
-        ident = _identity(cfg, info, window, min_context, inputs, compute_dtype)
-        lease = Lease(storage, cfg.lease_ttl)
-        try:
-            lease.acquire()
-        except LeaseError as e:
-            raise BuildError(str(e)) from None
-        actors = []
-        try:
-            actors = _start_workers(cfg, storage, info, use_cuda, cpus, gpus, compute_dtype)
-            return _build_locked(cfg, storage, lease, actors, info, ident, inputs, formats, window, min_context,
-                                 use_cuda, compute_dtype, t0)
-        except USER_ERRORS as e:
-            raise BuildError(str(e)) from None
-        finally:
-            for a in actors:
-                ray.kill(a)
-            lease.release()
+    from cluster.runtime import cluster_resources, max_node_cpus, ray_session
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="knnlm-inspect") as pool:
+        inspecting = pool.submit(inspect)
+        with ray_session(cfg.address) as ray:
+            marks = {"t0": t0, "ray_up": time.perf_counter() - t0}
+            cpus, gpus = cluster_resources()
+            use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+            if cfg.device == "cuda" and gpus == 0:
+                raise BuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
+            compute_dtype = (cfg.compute_dtype if cfg.compute_dtype != "auto"
+                             else ("bfloat16" if use_cuda else "float32"))
+            actors = []
+            lease = None
+            try:
+                actors = _start_workers(cfg, storage, model_dir, use_cuda, cpus, max_node_cpus(), gpus,
+                                        compute_dtype)
+                info, window, min_context = inspecting.result()
+                ident = _identity(cfg, info, window, min_context, inputs, compute_dtype)
+                marks["model_inspected"] = time.perf_counter() - t0
+                lease = Lease(storage, cfg.lease_ttl)
+                lease.acquire()
+                marks["lease"] = time.perf_counter() - t0
+                return _build_locked(cfg, storage, lease, actors, info, ident, inputs, formats, window,
+                                     min_context, use_cuda, compute_dtype, marks)
+            except USER_ERRORS as e:
+                raise BuildError(str(e)) from None
+            finally:
+                for a in actors:
+                    ray.kill(a)
+                if lease is not None:
+                    lease.release()
 
 
 def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: ModelInfo, ident: dict,
                   inputs: list[str], formats: list[str], window: int, min_context: int, use_cuda: bool,
-                  compute_dtype: str, t0: float) -> BuildResult:
+                  compute_dtype: str, marks: dict) -> BuildResult:
     import ray
 
     try:
@@ -230,20 +278,8 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
             raise BuildError(f"--corpus {inputs[i]} changed since this unfinished build tokenized it "
                              f"({metas[i]['bytes']} bytes then, {size} now); rerun with a new --out")
     if todo:
-        log.info("tokenizing %d input files", len(todo))
-        task = ray.remote(num_cpus=1, max_retries=2)(tokenize_input)
-        refs = {task.remote(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri): i
-                for i in todo}
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            i = refs.pop(done[0])
-            try:
-                metas[i] = ray.get(done[0])
-            except Exception as e:
-                for r in refs:
-                    ray.cancel(r)
-                raise _unwrap(e, f"tokenizing {inputs[i]}") from None
-            lease.check()
+        _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas)
+    marks["tokenized"] = time.perf_counter() - marks["t0"]
 
     skipped = [(inputs[i], s) for i, m in enumerate(metas) for s in m["skipped"]]
     for uri, s in skipped[:SHOW_SKIPPED]:
@@ -268,17 +304,18 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     pending_units = [u for u in units if u.id not in committed]
     log.info("%d keys in %d units (%d already committed)", total, len(units), len(units) - len(pending_units))
 
-    def params(u: Unit) -> dict:
-        return UnitParams(window=window, min_context=min_context, mode=cfg.mode, batch_size=cfg.batch_size,
-                          shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows, file_uri=inputs[u.file],
-                          doc_base=doc_base[u.file] if cfg.mode == "document" else u.file,
-                          pad_id=0).__dict__
+    def params(u: Unit) -> dict:  # builder.unit.UnitParams
+        return dict(window=window, min_context=min_context, mode=cfg.mode, batch_size=cfg.batch_size,
+                    shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows, file_uri=inputs[u.file],
+                    doc_base=doc_base[u.file] if cfg.mode == "document" else u.file, pad_id=0,
+                    writer_threads=4 if use_cuda else 1)
 
     records: dict[int, dict] = {}
     keys_written = 0
     if pending_units:
         keys_written = _run_key_stage(cfg, lease, actors, pending_units, params, records, total,
-                                      total - sum(u.num_targets for u in pending_units))
+                                      total - sum(u.num_targets for u in pending_units), marks)
+    marks["keys"] = time.perf_counter() - marks["t0"]
 
     # ---- commit the manifest --------------------------------------------------------------
     for u in units:
@@ -298,7 +335,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
         files.append({k: m[k] for k in ("uri", "format", "bytes", "sha256", "num_records", "num_tokens", "tokens")}
                      | {"num_sequences": len(m["seq_lengths"]), "num_keys": count_targets(m["seq_lengths"]),
                         "skipped": len(m["skipped"])})
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - marks["t0"]
     manifest = Manifest(
         num_keys=total, dim=info.hidden_size, model=info.model_dict(), tokenizer=info.tokenizer_dict(),
         key_layer=cfg.key_layer, key_module=info.key_module, window=window, min_context=min_context, mode=cfg.mode,
@@ -310,6 +347,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
         shards=shards, identity=ident, shard_format=SHARD_FORMAT,
         build={"shard_rows": cfg.shard_rows, "unit_tokens": cfg.unit_tokens, "row_group_rows": cfg.row_group_rows,
                "num_units": len(units), "device": "cuda" if use_cuda else "cpu",
+               "stage_end_seconds": {k: round(v, 2) for k, v in marks.items() if k != "t0"},
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()})
     manifest.validate()
     lease.check()  # fencing: only the lease holder commits
@@ -321,28 +359,30 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
             storage.delete(p)
     storage.delete_prefix("_build/units/")
     storage.delete(REQUEST)
-    return BuildResult(manifest, seconds=seconds, units_run=len(pending_units),
+    marks["committed"] = time.perf_counter() - marks["t0"]
+    return BuildResult(manifest, seconds=marks["committed"], stats={k: v for k, v in marks.items() if k != "t0"}, units_run=len(pending_units),
                        units_skipped=len(units) - len(pending_units), keys_written=keys_written,
                        skipped_documents=len(skipped))
 
 
-def _start_workers(cfg, storage, info, use_cuda, cpus, gpus, compute_dtype) -> list:
-    """Key worker actors; they load the model while the corpus is tokenized."""
+def _start_workers(cfg, storage, model_dir, use_cuda, cpus, node_cpus, gpus, compute_dtype) -> list:
+    """Key worker actors; they load the model while the driver tokenizes the corpus."""
     import ray
 
     n_workers = cfg.workers or (gpus if use_cuda else 1)
-    threads = 1 if use_cuda else max(1, cpus // n_workers)
+    # torch threads per CPU worker: its share of the cluster, never more than one node has
+    threads = 1 if use_cuda else max(1, min(node_cpus, cpus // n_workers))
     # CPU workers reserve one logical CPU each (not `threads`) so tokenize tasks can run beside them
     Actor = ray.remote(KeyWorkerImpl).options(num_gpus=1 if use_cuda else 0, num_cpus=1, max_restarts=-1,
                                               max_task_retries=0)
     device = "cuda" if use_cuda else "cpu"
     log.info("%d key workers (%s, %s%s)", n_workers, device, compute_dtype,
              "" if use_cuda else f", {threads} threads each")
-    return [Actor.remote(info.path, cfg.key_layer, device, compute_dtype, threads, storage.uri)
+    return [Actor.remote(model_dir, cfg.key_layer, device, compute_dtype, threads, storage.uri)
             for _ in range(n_workers)]
 
 
-def _run_key_stage(cfg, lease, actors, units, params, records, total, done_before) -> int:
+def _run_key_stage(cfg, lease, actors, units, params, records, total, done_before, marks) -> int:
     """Dispatch units to the worker actors with backpressure; redo the units of dead workers.
 
     A worker that dies is restarted by Ray; until a ping answers, nothing is sent to it.
@@ -361,7 +401,8 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
     healthy = set(alive)
     load = [0] * len(actors)
     written = 0
-    bar = tqdm(total=total, initial=done_before, unit="key", unit_scale=True, disable=not cfg.progress,
+    # one key per token: the rate reads as tokens/s, the count as keys written
+    bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not cfg.progress,
                desc="keys", smoothing=0.1, dynamic_ncols=True)
     t_stage = last_log = time.monotonic()
 
@@ -419,6 +460,7 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
                         continue
                     raise _unwrap(e, f"unit {u.id} ({params(u)['file_uri']})") from None
                 records[u.id] = rec
+                marks.setdefault("first_unit", time.perf_counter() - marks["t0"])
                 written += rec["num_rows"]
                 bar.update(rec["num_rows"])
                 bar.set_postfix(shards=sum(len(r["shards"]) for r in records.values()), refresh=False)

@@ -31,6 +31,10 @@ class InputError(ValueError):
     """Bad corpus input; the message names the file (and record) and the flag to change."""
 
 
+class UnitError(RuntimeError):
+    """A work unit failed because of its data (e.g. a non-finite key); retrying will not help."""
+
+
 # ---------------------------------------------------------------------------------------------
 # formats
 

@@ -36,6 +36,21 @@ def resolve_model_dir(model: str) -> str:
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def config_max_positions(model_dir: str) -> int | None:
+    """The model's maximum positions from config.json alone (no torch import: a fast pre-check)."""
+    import json
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {model_dir}: cannot read config.json: {e}") from None
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM's config inside
+    for k in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    return None
+
+
 def _hash_files(d: str, names: list[str]) -> str:
     h = hashlib.sha256()
     for n in names:
@@ -74,7 +89,7 @@ class ModelInfo:
                 "adds_special_tokens": self.adds_special_tokens, "bos_token_id": self.bos_token_id}
 
 
-def inspect_model(model: str, key_layer: str) -> ModelInfo:
+def inspect_model(model: str, key_layer: str, name: str | None = None) -> ModelInfo:
     """Everything the driver needs about a model without loading its weights.
 
     The architecture is instantiated on the meta device to find the key module, so an
@@ -111,7 +126,7 @@ def inspect_model(model: str, key_layer: str) -> ModelInfo:
     max_pos = (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
                or getattr(cfg, "n_ctx", None))
     return ModelInfo(
-        name=model, path=path, sha256=_hash_files(path, weights), model_class=type(m).__name__,
+        name=name or model, path=path, sha256=_hash_files(path, weights), model_class=type(m).__name__,
         model_type=cfg.model_type, hidden_size=int(cfg.hidden_size), num_layers=int(cfg.num_hidden_layers),
         max_positions=int(max_pos) if max_pos else None, key_module=key_module,
         tokenizer_sha256=_hash_files(path, tok_files), tokenizer_class=type(tok).__name__,

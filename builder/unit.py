@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.corpus import Unit, plan_windows
+from builder.corpus import Unit, UnitError, plan_windows
 from builder.keys import KeyEncoder, WindowJob, compute_keys
+from builder.layout import shard_path, tokens_path, unit_record_path
 from builder.shards import encode_shard
 from cluster.storage import Storage
 
@@ -26,26 +27,6 @@ log = logging.getLogger(__name__)
 # Fault injection for tests: KNNLM_FAULT_FILE names a file; while it holds "exit:<unit id>:<marker>",
 # the worker running that unit exits mid-unit (after its first shard) once, leaving <marker>.
 FAULT_ENV = "KNNLM_FAULT_FILE"
-
-
-class UnitError(RuntimeError):
-    """A unit failed because of its data (e.g. a non-finite key); retrying will not help."""
-
-
-def tokens_path(file_index: int) -> str:
-    return f"tokens/{file_index:06d}.bin"
-
-
-def tokens_meta_path(file_index: int) -> str:
-    return f"tokens/{file_index:06d}.json"
-
-
-def shard_path(unit_id: int, part: int) -> str:
-    return f"shards/{unit_id:07d}-{part:03d}.parquet"
-
-
-def unit_record_path(unit_id: int) -> str:
-    return f"_build/units/{unit_id:07d}.json"
 
 
 @dataclass
@@ -59,6 +40,7 @@ class UnitParams:
     file_uri: str          # for error messages
     doc_base: int          # document index of the file's record 0 (document mode)
     pad_id: int = 0
+    writer_threads: int = 1  # shards encoded and uploaded in parallel (more on GPU workers)
 
 
 def unit_token_range(unit: Unit, window: int, min_context: int) -> tuple[int, int]:
@@ -97,20 +79,25 @@ def compute_unit(unit: Unit, tokens: np.ndarray, base: int, encoder: KeyEncoder,
         keys = compute_keys(wj, encoder, p.batch_size, p.pad_id)
         for (si, s, a, b), k in zip(part, keys):
             seg = unit.segments[si]
-            if not np.isfinite(k).all():
-                bad = int(np.argwhere(~np.isfinite(k).all(axis=1))[0, 0])
-                where = (f"document {p.doc_base + seg.record} ({p.file_uri}, record {seg.record})"
-                         if p.mode == "document" else f"{p.file_uri}")
-                dtype = str(encoder.dtype).replace("torch.", "")
-                hint = ("try --compute-dtype float32 or bfloat16" if dtype == "float16" else
-                        "use another --key-layer or model")
-                raise UnitError(f"non-finite key in {where} for the token at position {a + bad} (key position "
-                                f"{a + bad - 1}): the hidden state overflows in {dtype} or exceeds the float16 range "
-                                f"(+-65504) keys are stored in; {hint}")
             o = seg.offset - base
             values = tokens[o + a:o + b].astype(np.int32)
             doc = p.doc_base + seg.record if p.mode == "document" else p.doc_base
             yield k, values, np.full(b - a, doc, np.int64), np.arange(a, b, dtype=np.int64)
+
+
+def check_finite(keys: np.ndarray, doc: np.ndarray, pos: np.ndarray, p: UnitParams, compute_dtype: str) -> None:
+    """Raise naming the document and position of the first non-finite key (a float16 overflow)."""
+    ok = np.isfinite(keys).all(axis=1)
+    if ok.all():
+        return
+    i = int(np.argmin(ok))
+    where = (f"document {int(doc[i])} ({p.file_uri}, record {int(doc[i]) - p.doc_base})" if p.mode == "document"
+             else p.file_uri)
+    hint = ("try --compute-dtype float32 or bfloat16" if compute_dtype == "float16" else
+            "use another --key-layer or model")
+    raise UnitError(f"non-finite key in {where} for the token at position {int(pos[i])} (key position "
+                    f"{int(pos[i]) - 1}): the hidden state overflows in {compute_dtype} or exceeds the float16 "
+                    f"range (+-65504) keys are stored in; {hint}")
 
 
 def _maybe_fault(unit_id: int) -> None:
@@ -138,28 +125,40 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams) -
         raise UnitError(f"{storage.url(tokens_path(unit.file))} is truncated: expected tokens [{lo}, {hi})")
 
     shards: list[dict] = []
-    buf: list[tuple[np.ndarray, ...]] = []
+    buf: list[tuple[np.ndarray, ...]] = []   # row blocks (keys, values, doc, pos) not yet in a shard
     buffered = 0
-    pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="knnlm-writer")
+    writers = max(1, p.writer_threads)
+    pool = cf.ThreadPoolExecutor(max_workers=writers, thread_name_prefix="knnlm-writer")
     inflight: list[cf.Future] = []
+    dtype = str(encoder.dtype).replace("torch.", "")
 
-    def write(part: int, cols: list[np.ndarray]) -> dict:
+    def write(part: int, blocks: list[tuple[np.ndarray, ...]]) -> dict:
+        # in a writer thread: assembling, checking, encoding, hashing and uploading a shard all
+        # overlap the next forward passes
+        cols = [np.concatenate([b[i] for b in blocks]) for i in range(4)]
+        check_finite(cols[0], cols[2], cols[3], p, dtype)
         data, digest = encode_shard(*cols, row_group_rows=p.row_group_rows)
         path = shard_path(unit.id, part)
         storage.write_bytes(path, data)
         return {"path": path, "num_rows": int(len(cols[1])), "checksum": digest, "bytes": len(data)}
 
     def flush(n_rows: int):
-        nonlocal buf, buffered
-        cols = [np.concatenate([b[i] for b in buf]) for i in range(4)]
-        head = [c[:n_rows] for c in cols]
-        tail = [c[n_rows:] for c in cols]
-        buf = [tuple(tail)] if len(tail[1]) else []
-        buffered = len(tail[1])
-        # write in the background while the next batches compute; at most 2 shards in memory
-        while len(inflight) >= 2:
+        nonlocal buffered
+        take, need = [], n_rows
+        while need:
+            b = buf[0]
+            if len(b[1]) <= need:
+                take.append(buf.pop(0))
+                need -= len(b[1])
+            else:  # split a block: views, no copy
+                take.append(tuple(c[:need] for c in b))
+                buf[0] = tuple(c[need:] for c in b)
+                need = 0
+        buffered -= n_rows
+        # bounded memory: at most `writers` + 1 shards in flight
+        while len(inflight) > writers:
             shards.append(inflight.pop(0).result())
-        inflight.append(pool.submit(write, len(shards) + len(inflight), head))
+        inflight.append(pool.submit(write, len(shards) + len(inflight), take))
         _maybe_fault(unit.id)
 
     try:
@@ -173,6 +172,8 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams) -
         for f in inflight:
             shards.append(f.result())
     finally:
+        for f in inflight:
+            f.cancel()
         pool.shutdown(wait=True)
     n = sum(s["num_rows"] for s in shards)
     if n != unit.num_targets:

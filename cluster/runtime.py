@@ -48,3 +48,9 @@ def cluster_resources() -> tuple[int, int]:
     import ray
     r = ray.cluster_resources()
     return int(r.get("CPU", 0)), int(r.get("GPU", 0))
+
+
+def max_node_cpus() -> int:
+    """CPUs of the largest live node (a worker's threads must fit on one node)."""
+    import ray
+    return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])

@@ -265,7 +265,8 @@ def best(xs: list[float]) -> float:
 
 def run_core(units, tokens_bytes: bytes, encoder, params_for, device: str) -> tuple[float, int, int]:
     """run_unit over every unit with an in-memory storage: (seconds, rows, shard bytes)."""
-    from builder.unit import UnitParams, run_unit, tokens_path
+    from builder.layout import tokens_path
+    from builder.unit import UnitParams, run_unit
     st = MemStorage({tokens_path(0): tokens_bytes})
     sync(device)
     t = time.perf_counter()
@@ -465,7 +466,8 @@ def main(argv=None) -> int:
         def params_for(u):
             return dict(window=window, min_context=min_context, mode="stream", batch_size=a.batch_size,
                         shard_rows=shard_rows, row_group_rows=row_group_rows, file_uri=corpus_path,
-                        doc_base=u.file, pad_id=0)
+                        doc_base=u.file, pad_id=0,
+                        writer_threads=4 if a.device == "cuda" else 1)  # as builder/build.py
 
         tokens_bytes = tf.tokens.astype("<i4").tobytes()
         t_bare, t_full, t_core = [], [], []

@@ -359,6 +359,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
             storage.delete(p)
     storage.delete_prefix("_build/units/")
     storage.delete(REQUEST)
+    storage.cleanup_incomplete()  # uploads abandoned by workers that died during this run
     marks["committed"] = time.perf_counter() - marks["t0"]
     return BuildResult(manifest, seconds=marks["committed"], stats={k: v for k, v in marks.items() if k != "t0"}, units_run=len(pending_units),
                        units_skipped=len(units) - len(pending_units), keys_written=keys_written,

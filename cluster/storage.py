@@ -285,43 +285,31 @@ class S3Storage(Storage):
     def _k(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def read_bytes(self, rel: str) -> bytes:
+    def _get(self, rel: str, **kw) -> tuple[bytes, str]:
+        """(body, etag) of an object; the body is read inside the retry loop."""
         from botocore.exceptions import ClientError
 
         def go():
-            return s3_client().get_object(Bucket=self.bucket, Key=self._k(rel))["Body"].read()
+            r = s3_client().get_object(Bucket=self.bucket, Key=self._k(rel), **kw)
+            return r["Body"].read(), r["ETag"]
         try:
             return with_retries(go, f"read {self.url(rel)}")
         except ClientError as e:
             if _s3_code(e) in ("NoSuchKey", "404"):
                 raise NotFound(f"{self.url(rel)} does not exist") from None
             raise StorageError(f"cannot read {self.url(rel)}: {_s3_code(e)}") from e
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._get(rel)[0]
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        from botocore.exceptions import ClientError
-        if end <= start:
-            return b""
-
-        def go():
-            return s3_client().get_object(Bucket=self.bucket, Key=self._k(rel),
-                                          Range=f"bytes={start}-{end - 1}")["Body"].read()
-        try:
-            return with_retries(go, f"read {self.url(rel)}")
-        except ClientError as e:
-            if _s3_code(e) in ("NoSuchKey", "404"):
-                raise NotFound(f"{self.url(rel)} does not exist") from None
-            raise StorageError(f"cannot read {self.url(rel)}: {_s3_code(e)}") from e
+        return self._get(rel, Range=f"bytes={start}-{end - 1}")[0] if end > start else b""
 
     def _get_with_etag(self, rel: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
         try:
-            r = with_retries(lambda: s3_client().get_object(Bucket=self.bucket, Key=self._k(rel)),
-                             f"read {self.url(rel)}")
-            return r["Body"].read(), r["ETag"]
-        except ClientError as e:
-            if _s3_code(e) in ("NoSuchKey", "404"):
-                return None
-            raise
+            return self._get(rel)
+        except NotFound:
+            return None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         from boto3.s3.transfer import TransferConfig

@@ -160,3 +160,14 @@ def write_text(path, text: str | bytes) -> str:
     with open(path, "wb") as f:
         f.write(text.encode() if isinstance(text, str) else text)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped (not failed) on machines without it."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -106,3 +106,17 @@ def test_unknown_architecture_is_named(gpt2_model):
     assert find_key_module(model, "final_hidden")[0] == "lm_head"
     with pytest.raises(KeyLayerError):
         KeyEncoder(model, "ffn_input")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_keys_match_cpu(tiny_models, dtype):
+    """The GPU path (half-precision forward, pinned async copies) gives the CPU's keys up to rounding."""
+    path = tiny_models["llama"]
+    rng = np.random.default_rng(2)
+    jobs = [WindowJob(rng.integers(2, 300, n), 1, n) for n in (64, 17, 40, 64, 3)]
+    cpu = compute_keys(jobs, load_encoder(path, "ffn_input", "cpu", "float32"), batch_size=2)
+    gpu = compute_keys(jobs, load_encoder(path, "ffn_input", "cuda", dtype), batch_size=2)
+    for a, b in zip(cpu, gpu):
+        assert b.dtype == np.float16 and a.shape == b.shape
+        np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=5e-2, atol=5e-2)

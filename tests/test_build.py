@@ -4,11 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.build import BuildError, build
@@ -224,3 +224,31 @@ def test_mismatched_rerun_is_refused(tmp_path, doc_build, gpt2_model, tiny_model
         build(small_cfg(corpus, tiny_models["neox"], root / "ds"))
     with pytest.raises(BuildError, match="mode"):
         build(small_cfg(corpus, gpt2_model, root / "ds", mode="stream"))
+
+
+@pytest.mark.slow
+def test_real_text_real_model(tmp_path, ray_cluster):
+    """WikiText-2 valid split with the small GPT-2 trained on the train split (../shared): the key
+    count matches the model's README (57,067 scored tokens) and sampled keys match a plain forward."""
+    from conftest import SHARED_MODEL, WIKITEXT_SPLITS
+    valid = os.path.join(WIKITEXT_SPLITS, "valid.txt")
+    res = build(BuildConfig(corpus=[valid], model=SHARED_MODEL, out=str(tmp_path / "ds"), format="wikitext",
+                            mode="stream", window=512, min_context=256, unit_tokens=20000, progress=False))
+    man, cols = read_datastore(str(tmp_path / "ds"))
+    assert man["num_keys"] == 57067 == res.manifest.num_keys
+    assert man["dim"] == 256 and man["key_module"] == "transformer.h.3.mlp" and man["build"]["num_units"] == 3
+    tok = AutoTokenizer.from_pretrained(SHARED_MODEL)
+    ids = tok(open(valid, encoding="utf-8").read())["input_ids"]
+    np.testing.assert_array_equal(cols["value"], ids[1:])
+    np.testing.assert_array_equal(cols["pos"], np.arange(1, len(ids)))
+    # keys of the second window (targets 512..767, context from 256) and of a unit boundary
+    model = AutoModelForCausalLM.from_pretrained(SHARED_MODEL).eval()
+    for s in (256, 256 * 79):
+        captured = {}
+        h = model.transformer.h[-1].mlp.register_forward_hook(lambda m, a, o: captured.update(x=a[0]))
+        with torch.no_grad():
+            model(torch.tensor(ids[s:s + 512])[None])
+        h.remove()
+        ref = captured["x"][0, 255:511].numpy()           # key positions s+255 .. s+510
+        got = cols["key"][s + 256 - 1:s + 512 - 1].astype(np.float32)  # targets s+256 .. s+511
+        np.testing.assert_allclose(got, ref, rtol=1e-2, atol=5e-3)

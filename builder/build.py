@@ -13,6 +13,7 @@ loses at most the units in flight:
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import json
 import logging
 import os
@@ -73,9 +74,9 @@ def _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas) -> 
     (a Ray task's process would spend seconds importing transformers to save milliseconds)."""
     import ray
 
-    local_bytes = sum(os.path.getsize(local_path(inputs[i])) for i in todo if not is_s3(inputs[i])) \
-        if not any(is_s3(inputs[i]) for i in todo) else None
-    if local_bytes is not None and local_bytes <= DRIVER_TOKENIZE_BYTES:
+    local = not any(is_s3(inputs[i]) for i in todo)
+    local_bytes = sum(os.path.getsize(local_path(inputs[i])) for i in todo) if local else 0
+    if local and local_bytes <= DRIVER_TOKENIZE_BYTES:
         log.info("tokenizing %d input files (%.1f MB) on the driver", len(todo), local_bytes / 1e6)
         for i in todo:
             metas[i] = tokenize_input(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri)
@@ -93,7 +94,7 @@ def _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas) -> 
             for r in refs:
                 ray.cancel(r)
             raise _unwrap(e, f"tokenizing {inputs[i]}") from None
-        lease.check()
+        lease.ensure()
 
 
 class KeyWorkerImpl:
@@ -186,14 +187,13 @@ def build(cfg: BuildConfig) -> BuildResult:
     Start-up is overlapped: the model is inspected (config, tokenizer, weight hash) while
     Ray starts, and the key workers load the model while the driver takes the lease and
     tokenizes the corpus."""
-    import concurrent.futures as cf
-
     t0 = time.perf_counter()
     try:
         inputs = expand_inputs(cfg.corpus)
         formats = [detect_format(u, cfg.format) for u in inputs]
         model_dir = resolve_model_dir(cfg.model)
-        cfg.resolve_window(config_max_positions(model_dir))  # flag errors before anything is written
+        # from config.json alone (no torch import): flag errors before anything is written
+        window, min_context = cfg.resolve_window(config_max_positions(model_dir))
         storage = Storage.from_uri(cfg.out)
         finished = storage.exists(MANIFEST)
         if not finished:
@@ -201,13 +201,12 @@ def build(cfg: BuildConfig) -> BuildResult:
     except USER_ERRORS as e:
         raise BuildError(str(e)) from None
 
-    def inspect() -> tuple[ModelInfo, int, int]:
-        info = inspect_model(model_dir, cfg.key_layer, name=cfg.model)
-        return (info, *cfg.resolve_window(info.max_positions))
+    def inspect() -> ModelInfo:
+        return inspect_model(model_dir, cfg.key_layer, name=cfg.model)
 
     if finished:  # nothing to do (or a clear refusal), without starting Ray
         try:
-            info, window, min_context = inspect()
+            info = inspect()
             m = load_manifest(storage)
             compare_identity(m.identity, _identity(cfg, info, window, min_context, inputs, _explicit_dtype(cfg)),
                              storage.uri)
@@ -232,7 +231,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             try:
                 actors = _start_workers(cfg, storage, model_dir, use_cuda, cpus, max_node_cpus(), gpus,
                                         compute_dtype)
-                info, window, min_context = inspecting.result()
+                info = inspecting.result()
                 ident = _identity(cfg, info, window, min_context, inputs, compute_dtype)
                 marks["model_inspected"] = time.perf_counter() - t0
                 lease = Lease(storage, cfg.lease_ttl)
@@ -318,9 +317,10 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     marks["keys"] = time.perf_counter() - marks["t0"]
 
     # ---- commit the manifest --------------------------------------------------------------
-    for u in units:
-        if u.id not in records:
-            records[u.id] = json.loads(storage.read_text(unit_record_path(u.id)))
+    missing = [u.id for u in units if u.id not in records]  # committed by an earlier run
+    with cf.ThreadPoolExecutor(16) as pool:  # thousands of small GETs: in parallel
+        for uid, text in zip(missing, pool.map(lambda i: storage.read_text(unit_record_path(i)), missing)):
+            records[uid] = json.loads(text)
     shards, first_id = [], 0
     for u in units:
         rec = records[u.id]
@@ -406,6 +406,7 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
     bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not cfg.progress,
                desc="keys", smoothing=0.1, dynamic_ncols=True)
     t_stage = last_log = time.monotonic()
+    n_shards = 0
 
     def worker_down(a: int, e: BaseException) -> None:
         healthy.discard(a)
@@ -428,8 +429,7 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
             if not inflight and not pings:
                 raise BuildError("no key worker is available")
             ready, _ = ray.wait(list(inflight) + list(pings), num_returns=1, timeout=max(1.0, lease.interval))
-            if lease.lost:
-                raise LeaseError(lease.lost)
+            lease.ensure()
             for ref in ready:
                 if ref in pings:
                     a = pings.pop(ref)
@@ -464,7 +464,8 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
                 marks.setdefault("first_unit", time.perf_counter() - marks["t0"])
                 written += rec["num_rows"]
                 bar.update(rec["num_rows"])
-                bar.set_postfix(shards=sum(len(r["shards"]) for r in records.values()), refresh=False)
+                n_shards += len(rec["shards"])
+                bar.set_postfix(shards=n_shards, refresh=False)
                 if not cfg.progress and time.monotonic() - last_log >= PROGRESS_LOG_SECONDS:
                     last_log = time.monotonic()
                     _log_progress(done_before + written, total, written, last_log - t_stage)

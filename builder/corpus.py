@@ -216,9 +216,10 @@ def tokenize_file(data: bytes, uri: str, fmt: str, mode: str, tokenizer, text_fi
             continue
         seqs.append(np.asarray(t, dtype=np.int64))
         seq_records.append(i)
-    tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
-    if seqs and int(np.concatenate(seqs).max()) >= 2 ** 31:
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    if flat.size and int(flat.max()) >= 2 ** 31:
         raise InputError(f"{uri}: token id does not fit int32")
+    tokens = flat.astype(np.int32)
     skipped.sort(key=lambda d: d["record"])
     return TokenizedFile(uri=uri, format=fmt, tokens=tokens, seq_lengths=[len(s) for s in seqs],
                          seq_records=seq_records, num_records=len(records) if mode == "document" else 1,

@@ -116,8 +116,13 @@ class Lease:
                 log.warning("lease renewal failed (%s); retrying", e)
 
     def check(self) -> None:
-        """Raise unless we still hold the lease (fencing before a commit)."""
+        """Raise unless we still hold the lease: a compare-and-swap (fencing before a commit)."""
         self.renew()
+
+    def ensure(self) -> None:
+        """Raise if the renew thread found the lease lost (no I/O: for loops)."""
+        if self.lost:
+            raise LeaseError(self.lost)
 
     def release(self) -> None:
         self._stop.set()

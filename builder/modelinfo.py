@@ -51,7 +51,37 @@ def config_max_positions(model_dir: str) -> int | None:
     return None
 
 
+HASH_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "knnlm-datastore",
+                          "file-hashes.json")
+
+
 def _hash_files(d: str, names: list[str]) -> str:
+    """sha256 over the files' names and bytes, cached by (path, size, mtime): a 7B model's
+    weights take ~15 s to hash, and every stage checks them."""
+    import json
+    stamp = json.dumps([[os.path.join(d, n), os.stat(os.path.join(d, n)).st_size,
+                         os.stat(os.path.join(d, n)).st_mtime_ns] for n in names])
+    try:
+        with open(HASH_CACHE) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if stamp in cache:
+        return cache[stamp]
+    digest = _hash_files_uncached(d, names)
+    cache[stamp] = digest
+    try:
+        os.makedirs(os.path.dirname(HASH_CACHE), exist_ok=True)
+        tmp = f"{HASH_CACHE}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(dict(list(cache.items())[-256:]), f)
+        os.replace(tmp, HASH_CACHE)
+    except OSError:
+        pass  # a read-only home: hash every time
+    return digest
+
+
+def _hash_files_uncached(d: str, names: list[str]) -> str:
     h = hashlib.sha256()
     for n in names:
         h.update(n.encode() + b"\0")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 
 from builder.config import BuildConfig, ConfigError
 from builder.corpus import InputError, Unit, UnitError, count_targets, detect_format, plan_units, tokenize_file
@@ -36,6 +37,7 @@ from cluster.storage import (NotFound, Storage, StorageError, expand_inputs, is_
 log = logging.getLogger(__name__)
 MAX_UNIT_ATTEMPTS = 3
 PROGRESS_LOG_SECONDS = 30.0
+PROGRESS_POLL_SECONDS = 2.0
 DRIVER_TOKENIZE_BYTES = 32 << 20  # a local corpus this small is tokenized on the driver
 SHOW_SKIPPED = 20
 
@@ -72,7 +74,6 @@ def tokenize_input(file_index: int, uri: str, fmt: str, mode: str, text_field: s
 def _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas) -> None:
     """Tokenize the inputs in `todo` into `metas`: on Ray tasks, or here for a small local corpus
     (a Ray task's process would spend seconds importing transformers to save milliseconds)."""
-    import ray
 
     local = not any(is_s3(inputs[i]) for i in todo)
     local_bytes = sum(os.path.getsize(local_path(inputs[i])) for i in todo) if local else 0
@@ -98,7 +99,10 @@ def _tokenize_stage(cfg, storage, lease, info, inputs, formats, todo, metas) -> 
 
 
 class KeyWorkerImpl:
-    """Body of the key worker actor: holds the model, runs units."""
+    """Body of the key worker actor: holds the model, runs units.
+
+    Two concurrency groups: `compute` runs one unit at a time; `control` answers pings and
+    progress queries while a unit runs."""
 
     def __init__(self, model_path: str, key_layer: str, device: str, compute_dtype: str, threads: int,
                  root_uri: str):
@@ -111,13 +115,28 @@ class KeyWorkerImpl:
         torch.set_num_threads(threads)
         self.storage = Storage.from_uri(root_uri)
         self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
+        self.unit_rows: tuple[int, int] = (-1, 0)  # (unit id, rows computed so far)
 
+    @ray.method(concurrency_group="control")
     def ping(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="control")
+    def progress(self) -> tuple[int, int]:
+        return self.unit_rows
+
+    @ray.method(concurrency_group="compute")
     def run(self, unit: dict, params: dict) -> dict:
         from builder.unit import UnitParams, run_unit
-        return run_unit(Unit.from_dict(unit), self.storage, self.encoder, UnitParams(**params))
+        u = Unit.from_dict(unit)
+        self.unit_rows = (u.id, 0)
+
+        def on_rows(n: int) -> None:
+            self.unit_rows = (u.id, self.unit_rows[1] + n)
+        return run_unit(u, self.storage, self.encoder, UnitParams(**params), on_rows)
+
+
+WORKER_CONCURRENCY = {"compute": 1, "control": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +270,6 @@ def build(cfg: BuildConfig) -> BuildResult:
 def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: ModelInfo, ident: dict,
                   inputs: list[str], formats: list[str], window: int, min_context: int, use_cuda: bool,
                   compute_dtype: str, marks: dict) -> BuildResult:
-    import ray
 
     try:
         have = json.loads(storage.read_text(REQUEST))
@@ -368,14 +386,13 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
 
 def _start_workers(cfg, storage, model_dir, use_cuda, cpus, node_cpus, gpus, compute_dtype) -> list:
     """Key worker actors; they load the model while the driver tokenizes the corpus."""
-    import ray
 
     n_workers = cfg.workers or (gpus if use_cuda else 1)
     # torch threads per CPU worker: its share of the cluster, never more than one node has
     threads = 1 if use_cuda else max(1, min(node_cpus, cpus // n_workers))
     # CPU workers reserve one logical CPU each (not `threads`) so tokenize tasks can run beside them
-    Actor = ray.remote(KeyWorkerImpl).options(num_gpus=1 if use_cuda else 0, num_cpus=1, max_restarts=-1,
-                                              max_task_retries=0)
+    Actor = ray.remote(concurrency_groups=WORKER_CONCURRENCY)(KeyWorkerImpl).options(
+        num_gpus=1 if use_cuda else 0, num_cpus=1, max_restarts=-1, max_task_retries=0)
     device = "cuda" if use_cuda else "cpu"
     log.info("%d key workers (%s, %s%s)", n_workers, device, compute_dtype,
              "" if use_cuda else f", {threads} threads each")
@@ -390,7 +407,6 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
     A unit lost with its worker is requeued (at most MAX_UNIT_ATTEMPTS times when the
     failure came from the unit itself); a worker that cannot start ends the build with
     its own error."""
-    import ray
     import ray.exceptions as rex
     from tqdm import tqdm
 
@@ -405,8 +421,16 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
     # one key per token: the rate reads as tokens/s, the count as keys written
     bar = tqdm(total=total, initial=done_before, unit="tok", unit_scale=True, disable=not cfg.progress,
                desc="keys", smoothing=0.1, dynamic_ncols=True)
-    t_stage = last_log = time.monotonic()
+    t_stage = last_log = last_poll = time.monotonic()
     n_shards = 0
+
+    def show(rows: int) -> None:
+        """Progress: rows written this run, plus those computed by units still running."""
+        nonlocal last_log
+        bar.update(done_before + rows - bar.n)
+        if not cfg.progress and time.monotonic() - last_log >= PROGRESS_LOG_SECONDS:
+            last_log = time.monotonic()
+            _log_progress(done_before + rows, total, rows, last_log - t_stage)
 
     def worker_down(a: int, e: BaseException) -> None:
         healthy.discard(a)
@@ -428,8 +452,11 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
                     load[a] += 1
             if not inflight and not pings:
                 raise BuildError("no key worker is available")
-            ready, _ = ray.wait(list(inflight) + list(pings), num_returns=1, timeout=max(1.0, lease.interval))
+            ready, _ = ray.wait(list(inflight) + list(pings), num_returns=1, timeout=PROGRESS_POLL_SECONDS)
             lease.ensure()
+            if time.monotonic() - last_poll >= PROGRESS_POLL_SECONDS:
+                last_poll = time.monotonic()
+                show(written + _rows_in_flight([actors[a] for a in healthy if load[a] > 0], records))
             for ref in ready:
                 if ref in pings:
                     a = pings.pop(ref)
@@ -463,17 +490,29 @@ def _run_key_stage(cfg, lease, actors, units, params, records, total, done_befor
                 records[u.id] = rec
                 marks.setdefault("first_unit", time.perf_counter() - marks["t0"])
                 written += rec["num_rows"]
-                bar.update(rec["num_rows"])
                 n_shards += len(rec["shards"])
                 bar.set_postfix(shards=n_shards, refresh=False)
-                if not cfg.progress and time.monotonic() - last_log >= PROGRESS_LOG_SECONDS:
-                    last_log = time.monotonic()
-                    _log_progress(done_before + written, total, written, last_log - t_stage)
+                show(written)
     finally:
         bar.close()
         for ref in inflight:
             ray.cancel(ref, force=False)
     return written
+
+
+def _rows_in_flight(actors: list, records: dict) -> int:
+    """Rows computed so far by the units the given workers are running (best effort)."""
+    refs = [a.progress.remote() for a in actors]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+    rows = 0
+    for r in done:
+        try:
+            uid, n = ray.get(r)
+        except Exception:  # a worker that just died: its unit runs again
+            continue
+        if uid >= 0 and uid not in records:
+            rows += n
+    return rows
 
 
 def _log_progress(done: int, total: int, written: int, seconds: float) -> None:

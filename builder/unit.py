@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -115,8 +116,11 @@ def _maybe_fault(unit_id: int) -> None:
         os._exit(1)
 
 
-def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams) -> dict:
-    """Compute a unit's keys, write its shards, commit its record; return the record."""
+def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams,
+             on_rows: Callable[[int], None] | None = None) -> dict:
+    """Compute a unit's keys, write its shards, commit its record; return the record.
+
+    `on_rows(n)` is told the rows computed so far (for progress reports)."""
     t_start = time.perf_counter()
     lo, hi = unit_token_range(unit, p.window, p.min_context)
     raw = storage.read_range(tokens_path(unit.file), 4 * lo, 4 * hi)
@@ -165,6 +169,8 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams) -
         for block in compute_unit(unit, tokens, lo, encoder, p):
             buf.append(block)
             buffered += len(block[1])
+            if on_rows is not None:
+                on_rows(len(block[1]))
             while buffered >= p.shard_rows:
                 flush(p.shard_rows)
         if buffered:

@@ -120,3 +120,30 @@ def test_cuda_keys_match_cpu(tiny_models, dtype):
     for a, b in zip(cpu, gpu):
         assert b.dtype == np.float16 and a.shape == b.shape
         np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=5e-2, atol=5e-2)
+
+
+def test_run_unit_writes_shards_and_reports_progress(gpt2_model, tmp_path):
+    from builder.layout import tokens_path, unit_record_path
+    from builder.shards import checksum, read_shard
+    from builder.unit import run_unit
+    from cluster.storage import Storage
+    st = Storage.from_uri(str(tmp_path))
+    tokens = np.random.default_rng(3).integers(2, 300, 100).astype(np.int32)
+    st.write_bytes(tokens_path(0), tokens.astype("<i4").tobytes())
+    unit = Unit(5, 0, (Segment(0, 0, 60, 1, 60, 0), Segment(1, 60, 40, 1, 40, 1)))
+    p = UnitParams(window=24, min_context=10, mode="document", batch_size=2, shard_rows=30, row_group_rows=8,
+                   file_uri="mem", doc_base=7, writer_threads=2)
+    seen = []
+    rec = run_unit(unit, st, load_encoder(gpt2_model, "ffn_input", "cpu", "float32"), p, seen.append)
+    assert sum(seen) == rec["num_rows"] == 59 + 39 and len(seen) > 2
+    assert [s["num_rows"] for s in rec["shards"]] == [30, 30, 30, 8]
+    assert [s["path"] for s in rec["shards"]] == [f"shards/0000005-00{i}.parquet" for i in range(4)]
+    assert st.exists(unit_record_path(5))
+    rows = [read_shard(st.read_bytes(s["path"]), 32) for s in rec["shards"]]
+    assert all(checksum(st.read_bytes(s["path"])) == s["checksum"] for s in rec["shards"])
+    doc = np.concatenate([r["doc"] for r in rows])
+    pos = np.concatenate([r["pos"] for r in rows])
+    np.testing.assert_array_equal(doc, [7] * 59 + [8] * 39)
+    np.testing.assert_array_equal(pos, list(range(1, 60)) + list(range(1, 40)))
+    np.testing.assert_array_equal(np.concatenate([r["value"] for r in rows]),
+                                  np.concatenate([tokens[1:60], tokens[61:100]]))

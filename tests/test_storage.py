@@ -64,7 +64,7 @@ def test_lease_refuses_live_holder_and_takes_over_dead_one(storage, caplog):
     t0 = time.time()
     with pytest.raises(LeaseError, match="another build is running"):
         b.acquire()
-    assert time.time() - t0 < 1.2  # refused as soon as it sees a renewal
+    assert time.time() - t0 < 3.0  # refused when it sees a renewal, not after waiting out the lease
     # the holder dies: it stops renewing without releasing
     a._stop.set()
     a._thread.join()

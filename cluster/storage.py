@@ -277,7 +277,8 @@ class LocalStorage(Storage):
 
 
 class S3Storage(Storage):
-    MULTIPART_THRESHOLD = 64 << 20
+    MULTIPART_THRESHOLD = 64 << 20   # larger objects go up as multipart uploads ...
+    MULTIPART_CHUNK = 32 << 20       # ... of parts this size, 8 in parallel
 
     def __post_init__(self):
         self.bucket, self.prefix = split_s3(self.uri)
@@ -324,7 +325,7 @@ class S3Storage(Storage):
                 # multipart: visible only once completed; a failed attempt is aborted by the
                 # transfer manager, and one from a killed process by cleanup_incomplete()
                 cfg = TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD,
-                                     multipart_chunksize=32 << 20, max_concurrency=8)
+                                     multipart_chunksize=self.MULTIPART_CHUNK, max_concurrency=8)
                 with_retries(lambda: s3_client().upload_fileobj(io.BytesIO(data), self.bucket, key, Config=cfg),
                              f"write {self.url(rel)}")
         except ClientError as e:

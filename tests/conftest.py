@@ -88,6 +88,12 @@ def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, se
         cfg = GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                             max_position_embeddings=max_positions, vocab_size=v, use_parallel_residual=True,
                             bos_token_id=0, eos_token_id=1)
+    elif family in ("mistral", "qwen2"):
+        from transformers import MistralConfig, Qwen2Config
+        cls = MistralConfig if family == "mistral" else Qwen2Config
+        cfg = cls(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=max_positions, vocab_size=v,
+                  bos_token_id=0, eos_token_id=1)
     elif family == "llama":
         cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=64, max_position_embeddings=max_positions, vocab_size=v,
@@ -106,9 +112,9 @@ def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, se
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{'gpt2': path, 'neox': path, 'llama': path} (64 positions each)."""
+    """{'gpt2' | 'neox' | 'llama' | 'mistral' | 'qwen2': path} (64 positions each)."""
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(str(root / f), f) for f in ("gpt2", "neox", "llama")}
+    return {f: make_tiny_model(str(root / f), f) for f in ("gpt2", "neox", "llama", "mistral", "qwen2")}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from builder.unit import UnitParams, compute_unit, unit_token_range
 
 # the last block's feed-forward, written out per family (independent of find_key_module)
 LAST_FFN = {"gpt2": lambda m: m.transformer.h[-1].mlp, "neox": lambda m: m.gpt_neox.layers[-1].mlp,
-            "llama": lambda m: m.model.layers[-1].mlp}
+            "llama": lambda m: m.model.layers[-1].mlp, "mistral": lambda m: m.model.layers[-1].mlp,
+            "qwen2": lambda m: m.model.layers[-1].mlp}
 
 
 def reference_keys(model, family, key_layer, tokens, window, min_context):
@@ -36,7 +37,7 @@ def reference_keys(model, family, key_layer, tokens, window, min_context):
     return out[1:]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("key_layer", ["ffn_input", "final_hidden"])
 def test_unit_keys_equal_reference(tiny_models, family, key_layer):
     path = tiny_models[family]

@@ -134,3 +134,33 @@ def test_s3_multipart_write(s3_bucket, monkeypatch):
     boto3.client("s3").create_multipart_upload(Bucket=s3_bucket, Key="ds/shards/x.parquet")
     assert st.cleanup_incomplete() == 1
     assert boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads") in (None, [])
+
+
+def test_transient_errors_are_retried_with_backoff(monkeypatch, caplog):
+    """with_retries: connection drops and 5xx/throttling are retried; other errors are not."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from cluster import storage as storage_mod
+    monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "PutObject")
+        return "ok"
+    caplog.set_level("WARNING")
+    assert storage_mod.with_retries(flaky, "write x") == "ok" and len(calls) == 3
+    assert caplog.text.count("transient storage error") == 2
+
+    def denied():
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObject")
+    with pytest.raises(ClientError):
+        storage_mod.with_retries(denied, "write y")
+
+    def down():
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(StorageError, match="write z: failed after 3 attempts"):
+        storage_mod.with_retries(down, "write z", attempts=3)

@@ -84,3 +84,33 @@ def read_shard(data: bytes, dim: int, columns: tuple[str, ...] = COLUMNS) -> dic
     for c in columns:
         out[c] = decode_keys(t.column(c), dim) if c == "key" else t.column(c).to_numpy()
     return out
+
+
+def verify_shards(storage, manifest, threads: int = 8) -> list[str]:
+    """Problems with a datastore's shards (missing, checksum, row count, key width); [] if none.
+
+    Reads every shard, `threads` at a time."""
+    import concurrent.futures as cf
+
+    from cluster.storage import NotFound
+
+    def check(s: dict) -> str | None:
+        try:
+            data = storage.read_bytes(s["path"])
+        except NotFound:
+            return f"{s['path']}: missing"
+        if checksum(data) != s["checksum"]:
+            return f"{s['path']}: checksum mismatch (corrupted or replaced)"
+        try:
+            meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+            key_type = meta.schema.to_arrow_schema().field("key").type
+        except Exception as e:
+            return f"{s['path']}: not a readable shard ({e})"
+        if meta.num_rows != s["num_rows"]:
+            return f"{s['path']}: {meta.num_rows} rows, the manifest says {s['num_rows']}"
+        if key_type != pa.binary(2 * manifest.dim):
+            return f"{s['path']}: key column is {key_type}, expected fixed_size_binary({2 * manifest.dim})"
+        return None
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return [p for p in pool.map(check, manifest.shards) if p]

@@ -94,12 +94,40 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every shard of a datastore against its manifest",
+                       description="Read every shard and check it exists, its sha256 checksum, its row count and "
+                                   "its key width against manifest.json, and that global ids are contiguous. "
+                                   "Exit status 0 if all is well, 2 otherwise (each problem is listed).")
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--threads", type=int, default=8, help="shards read in parallel")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(a) -> int:
+    from builder.manifest import load_manifest
+    from builder.shards import verify_shards
+    from cluster.storage import Storage
+    st = Storage.from_uri(a.datastore)
+    m = load_manifest(st)  # also checks that ids are contiguous
+    problems = verify_shards(st, m, threads=a.threads)
+    for p in problems:
+        print(f"knnlm verify: {st.url(p.split(':', 1)[0])}:{p.split(':', 1)[1]}", file=sys.stderr)
+    if problems:
+        print(f"knnlm verify: {len(problems)} of {len(m.shards)} shards have problems; rebuild into a new --out "
+              "or restore them", file=sys.stderr)
+        return 2
+    print(f"ok: {m.num_keys:,} keys in {len(m.shards)} shards, checksums match")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnlm", description="Build and serve kNN-LM datastores at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
     _add_info(sub)
+    _add_verify(sub)
     return p
 
 

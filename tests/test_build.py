@@ -252,3 +252,25 @@ def test_real_text_real_model(tmp_path, ray_cluster):
         ref = captured["x"][0, 255:511].numpy()           # key positions s+255 .. s+510
         got = cols["key"][s + 256 - 1:s + 512 - 1].astype(np.float32)  # targets s+256 .. s+511
         np.testing.assert_allclose(got, ref, rtol=1e-2, atol=5e-3)
+
+
+def test_verify_finds_corrupted_and_missing_shards(tmp_path, doc_build, capsys):
+    import shutil
+
+    from cluster.cli import main
+    root, _, _ = doc_build
+    ds = tmp_path / "copy"
+    shutil.copytree(root / "ds", ds)
+    assert main(["verify", str(ds)]) == 0
+    assert "checksums match" in capsys.readouterr().out
+    man = json.loads((ds / "manifest.json").read_text())
+    bad, gone = man["shards"][1]["path"], man["shards"][-1]["path"]
+    data = bytearray((ds / bad).read_bytes())
+    data[100] ^= 0xFF
+    (ds / bad).write_bytes(bytes(data))
+    (ds / gone).unlink()
+    assert main(["verify", str(ds)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: checksum mismatch" in err and f"{gone}: missing" in err and "2 of" in err
+    assert main(["verify", str(tmp_path / "nothing")]) == 2
+    assert "not a finished datastore" in capsys.readouterr().err

@@ -56,11 +56,11 @@ HASH_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~
 
 
 def _hash_files(d: str, names: list[str]) -> str:
-    """sha256 over the files' names and bytes, cached by (path, size, mtime): a 7B model's
+    """sha256 over the files' names and bytes, cached by (path, size, mtime, inode): a 7B model's
     weights take ~15 s to hash, and every stage checks them."""
     import json
-    stamp = json.dumps([[os.path.join(d, n), os.stat(os.path.join(d, n)).st_size,
-                         os.stat(os.path.join(d, n)).st_mtime_ns] for n in names])
+    stats = [os.stat(os.path.join(d, n)) for n in names]
+    stamp = json.dumps([[os.path.join(d, n), st.st_size, st.st_mtime_ns, st.st_ino] for n, st in zip(names, stats)])
     try:
         with open(HASH_CACHE) as f:
             cache = json.load(f)

@@ -270,7 +270,6 @@ def build(cfg: BuildConfig) -> BuildResult:
 def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: ModelInfo, ident: dict,
                   inputs: list[str], formats: list[str], window: int, min_context: int, use_cuda: bool,
                   compute_dtype: str, marks: dict) -> BuildResult:
-
     try:
         have = json.loads(storage.read_text(REQUEST))
         compare_identity(have, ident, storage.uri + " (an unfinished build)")
@@ -353,7 +352,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
         files.append({k: m[k] for k in ("uri", "format", "bytes", "sha256", "num_records", "num_tokens", "tokens")}
                      | {"num_sequences": len(m["seq_lengths"]), "num_keys": count_targets(m["seq_lengths"]),
                         "skipped": len(m["skipped"])})
-    seconds = time.perf_counter() - marks["t0"]
+    stage_ends = {k: v for k, v in marks.items() if k != "t0"}
     manifest = Manifest(
         num_keys=total, dim=info.hidden_size, model=info.model_dict(), tokenizer=info.tokenizer_dict(),
         key_layer=cfg.key_layer, key_module=info.key_module, window=window, min_context=min_context, mode=cfg.mode,
@@ -365,7 +364,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
         shards=shards, identity=ident, shard_format=SHARD_FORMAT,
         build={"shard_rows": cfg.shard_rows, "unit_tokens": cfg.unit_tokens, "row_group_rows": cfg.row_group_rows,
                "num_units": len(units), "device": "cuda" if use_cuda else "cpu",
-               "stage_end_seconds": {k: round(v, 2) for k, v in marks.items() if k != "t0"},
+               "stage_end_seconds": {k: round(v, 2) for k, v in stage_ends.items()},
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()})
     manifest.validate()
     lease.check()  # fencing: only the lease holder commits
@@ -378,8 +377,8 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     storage.delete_prefix("_build/units/")
     storage.delete(REQUEST)
     storage.cleanup_incomplete()  # uploads abandoned by workers that died during this run
-    marks["committed"] = time.perf_counter() - marks["t0"]
-    return BuildResult(manifest, seconds=marks["committed"], stats={k: v for k, v in marks.items() if k != "t0"}, units_run=len(pending_units),
+    stage_ends["committed"] = time.perf_counter() - marks["t0"]
+    return BuildResult(manifest, seconds=stage_ends["committed"], stats=stage_ends, units_run=len(pending_units),
                        units_skipped=len(units) - len(pending_units), keys_written=keys_written,
                        skipped_documents=len(skipped))
 

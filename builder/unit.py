@@ -120,7 +120,7 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams,
              on_rows: Callable[[int], None] | None = None) -> dict:
     """Compute a unit's keys, write its shards, commit its record; return the record.
 
-    `on_rows(n)` is told the rows computed so far (for progress reports)."""
+    `on_rows(n)` is called with the number of rows each computed block adds (for progress reports)."""
     t_start = time.perf_counter()
     lo, hi = unit_token_range(unit, p.window, p.min_context)
     raw = storage.read_range(tokens_path(unit.file), 4 * lo, 4 * hi)

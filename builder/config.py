@@ -87,3 +87,80 @@ class BuildConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _positive(flag: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+
+
+@dataclass
+class TrainConfig:
+    """`knnlm train-index`: sample keys, train an index, store it at the datastore root."""
+    datastore: str
+    train_size: int = 1_000_000        # keys sampled (all keys if the datastore has fewer)
+    index_factory: str = "IVF4096,PQ64"
+    metric: str = "l2"
+    seed: int = 0
+    trainer: str = "auto"              # auto | faiss | torch | faiss-gpu
+    device: str = "auto"               # auto | cpu | cuda
+    read_factor: float = 4.0           # rows read per sampled key (whole row groups)
+    min_points_per_centroid: int = 39  # fewer training keys per IVF centroid is an error
+    force: bool = False
+    threads: int | None = None         # faiss/torch threads (default: all cores)
+    lease_ttl: float = 60.0
+
+    def __post_init__(self):
+        if not self.datastore:
+            raise ConfigError("DATASTORE_URI is required")
+        _positive("--train-size", self.train_size)
+        _positive("--min-points-per-centroid", self.min_points_per_centroid)
+        if self.metric not in ("l2", "ip"):
+            raise ConfigError(f"--metric: unknown metric {self.metric!r}; choose l2 or ip")
+        if self.trainer not in ("auto", "faiss", "torch", "faiss-gpu"):
+            raise ConfigError(f"--trainer: choose one of auto, faiss, torch, faiss-gpu (got {self.trainer!r})")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device: choose one of {', '.join(DEVICES)} (got {self.device!r})")
+        if not self.read_factor >= 1:
+            raise ConfigError(f"--read-factor must be at least 1 (got {self.read_factor})")
+        if self.threads is not None:
+            _positive("--threads", self.threads)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer (got {self.seed!r})")
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
+
+
+@dataclass
+class AddConfig:
+    """`knnlm add`: encode every key into index shards of contiguous global-id ranges."""
+    datastore: str
+    index_shards: int | None = None    # N contiguous id ranges ...
+    shard_size: int | None = None      # ... or ranges of this many ids (default 50M)
+    workers: int | None = None         # concurrent add tasks (default: one per GPU, else one per node)
+    threads: int | None = None         # cores per add task (default: the node's cores / tasks per node)
+    encoder: str = "auto"              # auto | faiss | torch | faiss-gpu
+    device: str = "auto"
+    address: str | None = None
+    merge: bool = False                # also merge the shards into one on-disk index
+    force: bool = False
+    lease_ttl: float = 60.0
+    max_retries: int = 3               # a killed add task is redone this many times
+
+    DEFAULT_SHARD_SIZE = 50_000_000
+
+    def __post_init__(self):
+        if not self.datastore:
+            raise ConfigError("DATASTORE_URI is required")
+        if self.index_shards is not None and self.shard_size is not None:
+            raise ConfigError("give --index-shards or --shard-size, not both")
+        for flag, v in (("--index-shards", self.index_shards), ("--shard-size", self.shard_size),
+                        ("--workers", self.workers), ("--threads", self.threads)):
+            if v is not None:
+                _positive(flag, v)
+        if self.encoder not in ("auto", "faiss", "torch", "faiss-gpu"):
+            raise ConfigError(f"--encoder: choose one of auto, faiss, torch, faiss-gpu (got {self.encoder!r})")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device: choose one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")

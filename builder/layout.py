@@ -15,3 +15,19 @@ def shard_path(unit_id: int, part: int) -> str:
 
 def unit_record_path(unit_id: int) -> str:
     return f"_build/units/{unit_id:07d}.json"
+
+
+# ---- the index (builder/train.py, builder/add.py) ----
+TRAINED_INDEX = "index/trained.faiss"        # the trained, empty index
+MERGED_INDEX = "index/merged.faiss"          # --merge: one index over on-disk inverted lists ...
+MERGED_IVFDATA = "index/merged.ivfdata"      # ... stored beside it (faiss IO_FLAG_ONDISK_SAME_DIR)
+INDEX_LEASE = "_index/lease.json"
+ADD_REQUEST = "_index/add.json"              # the ranges of an unfinished add
+
+
+def index_shard_path(i: int, n: int) -> str:
+    return f"index/shards/{i:05d}-of-{n:05d}.faiss"
+
+
+def index_shard_record_path(i: int) -> str:
+    return f"_index/shards/{i:05d}.json"

@@ -28,8 +28,9 @@ class LeaseError(RuntimeError):
 
 
 class Lease:
-    def __init__(self, storage: Storage, ttl: float = 60.0):
+    def __init__(self, storage: Storage, ttl: float = 60.0, path: str = LEASE, what: str = "build"):
         self.storage = storage
+        self.path, self.what = path, what
         self.ttl = float(ttl)
         self.interval = self.ttl / 4
         self.id = uuid.uuid4().hex
@@ -47,7 +48,7 @@ class Lease:
 
     def _read(self) -> bytes | None:
         try:
-            return self.storage.read_bytes(LEASE)
+            return self.storage.read_bytes(self.path)
         except NotFound:
             return None
 
@@ -57,7 +58,7 @@ class Lease:
         announced = False
         while True:
             mine = self._payload()
-            if self.storage.create_exclusive(LEASE, mine):
+            if self.storage.create_exclusive(self.path, mine):
                 break
             cur = self._read()
             if cur is None:
@@ -67,7 +68,7 @@ class Lease:
                 if seen is not None:
                     info = json.loads(cur)
                     raise LeaseError(
-                        f"another build is running on {self.storage.uri} (holder on host {info.get('host')} "
+                        f"another {self.what} is running on {self.storage.uri} (holder on host {info.get('host')} "
                         f"pid {info.get('pid')} renewed its lease at "
                         f"{time.strftime('%H:%M:%S', time.localtime(info.get('renewed_at', 0)))}); "
                         "wait for it to finish or stop it first")
@@ -78,16 +79,16 @@ class Lease:
             # stale by the holder's clock (and not renewed while we watched), or unchanged for a
             # whole ttl by ours (robust to clock skew)
             if (age >= self.ttl and unchanged >= min(self.interval, 2.0)) or unchanged >= self.ttl:
-                if self.storage.replace_if(LEASE, mine, cur):
-                    log.warning("took over the build lease of a dead holder (host %s pid %s, last renewed %.0fs ago)",
-                                info.get("host"), info.get("pid"), age)
+                if self.storage.replace_if(self.path, mine, cur):
+                    log.warning("took over the %s lease of a dead holder (host %s pid %s, last renewed %.0fs ago)",
+                                self.what, info.get("host"), info.get("pid"), age)
                     break
                 continue
             if not announced:
                 wait = max(0.0, min(self.ttl - age, self.ttl - unchanged))
-                log.warning("%s has a build lease held by host %s pid %s, last renewed %.0fs ago: waiting up to "
-                            "%.0fs for it to expire (a live build renews it every %.0fs and this run then stops)",
-                            self.storage.uri, info.get("host"), info.get("pid"), max(age, 0), wait, self.interval)
+                log.warning("%s has a %s lease held by host %s pid %s, last renewed %.0fs ago: waiting up to "
+                            "%.0fs for it to expire (a live holder renews it every %.0fs and this run then stops)",
+                            self.storage.uri, self.what, info.get("host"), info.get("pid"), max(age, 0), wait, self.interval)
                 announced = True
             time.sleep(min(1.0, self.interval / 2))
         self._bytes = mine
@@ -99,8 +100,8 @@ class Lease:
             if self.lost:
                 raise LeaseError(self.lost)
             new = self._payload()
-            if not self.storage.replace_if(LEASE, new, self._bytes):
-                self.lost = (f"lost the build lease on {self.storage.uri} to another build; "
+            if not self.storage.replace_if(self.path, new, self._bytes):
+                self.lost = (f"lost the {self.what} lease on {self.storage.uri} to another {self.what}; "
                              "this run stops without committing")
                 raise LeaseError(self.lost)
             self._bytes = new
@@ -130,7 +131,7 @@ class Lease:
             self._thread.join(timeout=5)
         with self._lock:
             if self._bytes is not None and not self.lost and self._read() == self._bytes:
-                self.storage.delete(LEASE)
+                self.storage.delete(self.path)
             self._bytes = None
 
     def __enter__(self):

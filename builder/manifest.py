@@ -62,17 +62,25 @@ class Manifest:
         "doc": "int64 document index (document mode) or input file index (stream mode)",
         "pos": "int64 position of the value token in its sequence"})
     format_version: int = FORMAT_VERSION
+    # written by later stages (knnlm train-index / knnlm add); None until then
+    index: dict | None = None           # {path, factory, metric, train_size, seed, sample_checksum, checksum, ...}
+    index_shards: list | None = None    # [{path, first_id, num_ids, bytes, checksum}] in id order
+    index_merged: dict | None = None    # --merge: {path, ivfdata, num_ids, bytes, checksum, ...}
+    extra: dict = field(default_factory=dict)  # fields written by a newer knnlm, kept on rewrite
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False)
+        d = asdict(self)
+        extra = d.pop("extra")
+        return json.dumps(d | extra, indent=1, sort_keys=False)
 
     @staticmethod
     def from_dict(d: dict) -> "Manifest":
         if d.get("format_version") != FORMAT_VERSION:
             raise ManifestError(f"unsupported manifest format_version {d.get('format_version')!r} "
                                 f"(this knnlm reads {FORMAT_VERSION})")
-        known = set(Manifest.__dataclass_fields__)
-        return Manifest(**{k: v for k, v in d.items() if k in known})
+        known = set(Manifest.__dataclass_fields__) - {"extra"}
+        return Manifest(**{k: v for k, v in d.items() if k in known},
+                        extra={k: v for k, v in d.items() if k not in known})
 
     def validate(self) -> None:
         """Ids contiguous from 0 to num_keys-1 in shard order."""
@@ -97,6 +105,12 @@ def load_manifest(storage: Storage) -> Manifest:
         raise ManifestError(f"{storage.url(MANIFEST)} is not a valid manifest: {e}") from None
     m.validate()
     return m
+
+
+def write_manifest(storage: Storage, m: Manifest) -> None:
+    """Replace manifest.json atomically (later stages add their sections to it)."""
+    m.validate()
+    storage.write_text(MANIFEST, m.to_json())
 
 
 def compare_identity(have: dict, want: dict, where: str) -> None:

@@ -114,3 +114,69 @@ def verify_shards(storage, manifest, threads: int = 8) -> list[str]:
 
     with cf.ThreadPoolExecutor(threads) as pool:
         return [p for p in pool.map(check, manifest.shards) if p]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading shards for the index stages: checked against the manifest, errors name the shard
+
+
+class ShardError(ValueError):
+    """A key shard is missing, corrupted or does not match the manifest."""
+
+
+def _shard_problem(storage, s: dict, what: str) -> ShardError:
+    return ShardError(f"key shard {storage.url(s['path'])}: {what}; run `knnlm verify {storage.uri}` "
+                      "and restore or rebuild the datastore")
+
+
+def _check_parquet(pf: pq.ParquetFile, storage, s: dict, dim: int) -> pq.ParquetFile:
+    meta = pf.metadata
+    if meta.num_rows != s["num_rows"]:
+        raise _shard_problem(storage, s, f"{meta.num_rows} rows, the manifest says {s['num_rows']}")
+    key_type = meta.schema.to_arrow_schema().field("key").type
+    if key_type != pa.binary(2 * dim):
+        raise _shard_problem(storage, s, f"key column is {key_type}, the manifest's dim {dim} needs "
+                                         f"fixed_size_binary({2 * dim})")
+    return pf
+
+
+def open_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
+    """A shard's Parquet file for reading selected row groups (ranged reads on S3)."""
+    from cluster.storage import NotFound
+    try:
+        f = storage.open_read(s["path"])
+        pf = pq.ParquetFile(pa.PythonFile(f, mode="r"))
+    except NotFound:
+        raise _shard_problem(storage, s, "missing") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise _shard_problem(storage, s, f"not a readable Parquet file ({e})") from None
+    return _check_parquet(pf, storage, s, dim)
+
+
+def load_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
+    """A whole shard read into memory and checked against its manifest checksum."""
+    from cluster.storage import NotFound
+    try:
+        data = storage.read_bytes(s["path"])
+    except NotFound:
+        raise _shard_problem(storage, s, "missing") from None
+    if checksum(data) != s["checksum"]:
+        raise _shard_problem(storage, s, "checksum mismatch (corrupted or replaced)")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise _shard_problem(storage, s, f"not a readable Parquet file ({e})") from None
+    return _check_parquet(pf, storage, s, dim)
+
+
+def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows: int, dim: int) -> np.ndarray:
+    """Keys of one row group: (rows, dim) float16."""
+    meta = pf.metadata
+    if group >= meta.num_row_groups or meta.row_group(group).num_rows != expect_rows:
+        raise _shard_problem(storage, s, f"its row groups differ from the manifest's layout (row group {group} "
+                                         f"should hold {expect_rows} rows)")
+    try:
+        t = pf.read_row_group(group, columns=["key"])
+    except (pa.ArrowException, OSError) as e:
+        raise _shard_problem(storage, s, f"row group {group} is unreadable ({e})") from None
+    return decode_keys(t.column("key"), dim)

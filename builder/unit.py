@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from builder.corpus import Unit, UnitError, plan_windows
+from builder.faults import maybe_fault
 from builder.keys import KeyEncoder, WindowJob, compute_keys
 from builder.layout import shard_path, tokens_path, unit_record_path
 from builder.shards import encode_shard
@@ -25,9 +26,7 @@ from cluster.storage import Storage
 
 log = logging.getLogger(__name__)
 
-# Fault injection for tests: KNNLM_FAULT_FILE names a file; while it holds "exit:<unit id>:<marker>",
-# the worker running that unit exits mid-unit (after its first shard) once, leaving <marker>.
-FAULT_ENV = "KNNLM_FAULT_FILE"
+# Tests kill a worker mid-unit with KNNLM_FAULT_FILE holding "exit:<unit id>:<marker>" (builder/faults.py).
 
 
 @dataclass
@@ -101,21 +100,6 @@ def check_finite(keys: np.ndarray, doc: np.ndarray, pos: np.ndarray, p: UnitPara
                     f"range (+-65504) keys are stored in; {hint}")
 
 
-def _maybe_fault(unit_id: int) -> None:
-    path = os.environ.get(FAULT_ENV)
-    if not path or not os.path.exists(path):
-        return
-    with open(path) as f:
-        spec = f.read().strip()
-    if not spec:
-        return
-    kind, uid, marker = spec.split(":", 2)
-    if kind == "exit" and int(uid) == unit_id and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.error("fault injection: exiting mid-unit %d", unit_id)
-        os._exit(1)
-
-
 def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams,
              on_rows: Callable[[int], None] | None = None) -> dict:
     """Compute a unit's keys, write its shards, commit its record; return the record.
@@ -163,7 +147,7 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams,
         while len(inflight) > writers:
             shards.append(inflight.pop(0).result())
         inflight.append(pool.submit(write, len(shards) + len(inflight), take))
-        _maybe_fault(unit.id)
+        maybe_fault("exit", unit.id)
 
     try:
         for block in compute_unit(unit, tokens, lo, encoder, p):

@@ -72,6 +72,98 @@ def _cmd_build(a) -> int:
     return 0
 
 
+def _add_train_index(sub) -> None:
+    from builder.config import DEVICES, TrainConfig
+    d = TrainConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "train-index", help="train a FAISS index (IVF-PQ by default) on a uniform sample of a datastore's keys",
+        description="Sample --train-size keys uniformly at random across the whole datastore (whole random row "
+                    "groups, then rows within them; seeded), train --index-factory on them (on a GPU when there is "
+                    "one), and store the trained, empty index at the datastore root, recorded in manifest.json as "
+                    "`index`. Rerunning with the same settings does nothing; different settings are refused unless "
+                    "--force, which retrains and drops the index shards built from the old index.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI", help="a datastore root (local path or s3://) built by knnlm build")
+    p.add_argument("--train-size", type=int, default=d["train_size"].default,
+                   help="keys to sample (all keys if the datastore has fewer)")
+    p.add_argument("--index-factory", default=d["index_factory"].default,
+                   help="faiss index factory string with an IVF layer, e.g. IVF4096,PQ64, OPQ64,IVF4096,PQ64 or "
+                        "IVF1024,Flat (PQ sub-quantizers must divide the key dim)")
+    p.add_argument("--metric", choices=("l2", "ip"), default=d["metric"].default,
+                   help="l2: squared L2 distance (the kNN-LM paper's); ip: inner product")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the sample and of the k-means")
+    p.add_argument("--trainer", choices=("auto", "faiss", "torch", "faiss-gpu"), default=d["trainer"].default,
+                   help="auto: faiss's GPU k-means if faiss has GPU support, else torch on a CUDA GPU, else faiss "
+                        "on the CPU; torch: coarse and PQ k-means in torch (GPU if visible, else CPU)")
+    p.add_argument("--device", choices=DEVICES, default=d["device"].default)
+    p.add_argument("--read-factor", type=float, default=d["read_factor"].default,
+                   help="rows read (whole row groups) per sampled key: more spreads the sample over more of the "
+                        "datastore, at that many times the read")
+    p.add_argument("--min-points-per-centroid", type=int, default=d["min_points_per_centroid"].default,
+                   help="training keys needed per IVF centroid (faiss warns below 39)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for faiss/torch (default: all cores)")
+    p.add_argument("--force", action="store_true", help="retrain even if an index with other settings exists "
+                                                        "(drops its index shards)")
+    p.add_argument("--lease-ttl", type=float, default=d["lease_ttl"].default,
+                   help="seconds after its last renewal when a dead run's lease may be taken over")
+    p.set_defaults(func=_cmd_train_index)
+
+
+def _cmd_train_index(a) -> int:
+    from builder.config import TrainConfig
+    from builder.train import train_stage
+    cfg = TrainConfig(datastore=a.datastore, train_size=a.train_size, index_factory=a.index_factory, metric=a.metric,
+                      seed=a.seed, trainer=a.trainer, device=a.device, read_factor=a.read_factor,
+                      min_points_per_centroid=a.min_points_per_centroid, force=a.force, threads=a.threads,
+                      lease_ttl=a.lease_ttl)
+    print(train_stage(cfg).summary())
+    return 0
+
+
+def _add_add(sub) -> None:
+    from builder.config import DEVICES, AddConfig
+    d = AddConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "add", help="encode every key into index shards (contiguous global-id ranges) on Ray workers",
+        description="Split the datastore into contiguous global-id ranges and encode each into its own copy of the "
+                    "trained index (knnlm train-index) on Ray workers, with the datastore's global ids; each index "
+                    "shard is a plain FAISS file listed in manifest.json as `index_shards`. Interrupted runs resume "
+                    "from the committed shards; rerunning a finished add does nothing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--index-shards", type=int, default=None, metavar="N", help="N near-equal id ranges")
+    g.add_argument("--shard-size", type=int, default=None, metavar="ROWS",
+                   help=f"ranges of ROWS ids (default when neither is given: {AddConfig.DEFAULT_SHARD_SIZE:,})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="concurrent add tasks (default: one per GPU of the cluster, else one per node)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU cores per add task (default: a node's cores shared by the tasks on it)")
+    p.add_argument("--encoder", choices=("auto", "faiss", "torch", "faiss-gpu"), default=d["encoder"].default,
+                   help="auto: faiss GPU if available, else torch on a CUDA GPU, else faiss on the CPU")
+    p.add_argument("--device", choices=DEVICES, default=d["device"].default)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address as ray.init takes it (e.g. ray://head:10001 or auto); "
+                        "default: start an embedded local Ray")
+    p.add_argument("--merge", action="store_true",
+                   help="also merge the shards into one index over on-disk inverted lists (index/merged.faiss + "
+                        "index/merged.ivfdata) for single-node serving")
+    p.add_argument("--force", action="store_true", help="rebuild the shards even if others exist")
+    p.add_argument("--lease-ttl", type=float, default=d["lease_ttl"].default,
+                   help="seconds after its last renewal when a dead run's lease may be taken over")
+    p.set_defaults(func=_cmd_add)
+
+
+def _cmd_add(a) -> int:
+    from builder.add import add_stage
+    from builder.config import AddConfig
+    cfg = AddConfig(datastore=a.datastore, index_shards=a.index_shards, shard_size=a.shard_size, workers=a.workers,
+                    threads=a.threads, encoder=a.encoder, device=a.device, address=a.address, merge=a.merge,
+                    force=a.force, lease_ttl=a.lease_ttl)
+    print(add_stage(cfg).summary())
+    return 0
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a datastore's manifest summary (or the whole manifest with --json)")
     p.add_argument("datastore", metavar="DATASTORE_URI")
@@ -90,6 +182,12 @@ def _cmd_info(a) -> int:
                "key_layer": m.key_layer, "key_module": m.key_module, "window": m.window,
                "min_context": m.min_context, "mode": m.mode, "compute_dtype": m.compute_dtype,
                "documents": m.corpus.get("num_documents"), "skipped_documents": m.corpus.get("skipped_documents")}
+    if m.index:
+        summary["index"] = {k: m.index.get(k) for k in ("path", "factory", "metric", "train_size", "seed", "trainer")}
+    if m.index_shards:
+        summary["index_shards"] = len(m.index_shards)
+    if m.index_merged:
+        summary["index_merged"] = m.index_merged["path"]
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -126,6 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
+    _add_train_index(sub)
+    _add_add(sub)
     _add_info(sub)
     _add_verify(sub)
     return p
@@ -135,16 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="knnlm: %(levelname)s: %(message)s" if args.verbose else "knnlm: %(message)s")
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "huggingface_hub"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "huggingface_hub", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from builder.build import BuildError
     from builder.config import ConfigError
+    from builder.lease import LeaseError
     from builder.manifest import ManifestError
+    from builder.shards import ShardError
+    from builder.train import IndexBuildError
+    from cluster.runtime import ClusterError
     from cluster.storage import StorageError
     try:
         return args.func(args)
-    except (BuildError, ConfigError, ManifestError, StorageError) as e:
+    except (BuildError, ConfigError, ManifestError, StorageError, IndexBuildError, ShardError, LeaseError,
+            ClusterError) as e:
         if args.verbose:
             raise
         print(f"knnlm {args.command}: error: {e}", file=sys.stderr)

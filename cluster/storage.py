@@ -144,6 +144,7 @@ class Storage:
     # primitives -------------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes: raise NotImplementedError
     def read_range(self, rel: str, start: int, end: int) -> bytes: raise NotImplementedError
+    def size(self, rel: str) -> int: raise NotImplementedError
     def write_bytes(self, rel: str, data: bytes) -> None: raise NotImplementedError
     def exists(self, rel: str) -> bool: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
@@ -159,6 +160,19 @@ class Storage:
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
+
+    def open_read(self, rel: str) -> "RangeReader":
+        """A seekable read-only file over an object: each read is one ranged GET on S3, so a
+        Parquet reader fetches only the footer and the row groups it is asked for."""
+        return RangeReader(self, rel, self.size(rel))
+
+    def download_file(self, rel: str, path: str) -> None:
+        """Copy an object to a local file (streamed: for objects larger than memory)."""
+        raise NotImplementedError
+
+    def upload_file(self, rel: str, path: str) -> None:
+        """Store a local file as an object, atomically (streamed)."""
+        raise NotImplementedError
 
     def delete_prefix(self, prefix: str) -> int:
         paths = self.list(prefix)
@@ -186,6 +200,12 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFound(f"{self.url(rel)} does not exist") from None
 
+    def size(self, rel: str) -> int:
+        try:
+            return os.path.getsize(self._p(rel))
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._p(rel)
         try:
@@ -198,6 +218,24 @@ class LocalStorage(Storage):
             os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def download_file(self, rel: str, path: str) -> None:
+        import shutil
+        try:
+            shutil.copyfile(self._p(rel), path)
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
+    def upload_file(self, rel: str, path: str) -> None:
+        import shutil
+        dst = self._p(rel)
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise StorageError(f"cannot write {dst}: {e.strerror or e}") from e
 
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._p(rel))
@@ -331,6 +369,40 @@ class S3Storage(Storage):
         except ClientError as e:
             raise StorageError(f"cannot write {self.url(rel)}: {_s3_code(e)} {e}") from e
 
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+        return TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD, multipart_chunksize=self.MULTIPART_CHUNK,
+                              max_concurrency=8)
+
+    def download_file(self, rel: str, path: str) -> None:
+        from botocore.exceptions import ClientError
+        try:
+            with_retries(lambda: s3_client().download_file(self.bucket, self._k(rel), path,
+                                                           Config=self._transfer_config()), f"read {self.url(rel)}")
+        except ClientError as e:
+            if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(f"{self.url(rel)} does not exist") from None
+            raise StorageError(f"cannot read {self.url(rel)}: {_s3_code(e)}") from e
+
+    def upload_file(self, rel: str, path: str) -> None:
+        from botocore.exceptions import ClientError
+        try:  # visible only once complete (PUT or completed multipart upload)
+            with_retries(lambda: s3_client().upload_file(path, self.bucket, self._k(rel),
+                                                         Config=self._transfer_config()), f"write {self.url(rel)}")
+        except ClientError as e:
+            raise StorageError(f"cannot write {self.url(rel)}: {_s3_code(e)} {e}") from e
+
+    def size(self, rel: str) -> int:
+        from botocore.exceptions import ClientError
+        try:
+            r = with_retries(lambda: s3_client().head_object(Bucket=self.bucket, Key=self._k(rel)),
+                             f"stat {self.url(rel)}")
+        except ClientError as e:
+            if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(f"{self.url(rel)} does not exist") from None
+            raise StorageError(f"cannot stat {self.url(rel)}: {_s3_code(e)}") from e
+        return int(r["ContentLength"])
+
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
         try:
@@ -408,6 +480,41 @@ class S3Storage(Storage):
                                "the bucket name and your credentials)") from e
         except Exception as e:  # endpoint unreachable etc.
             raise StorageError(f"output {self.uri} is not writable: {e} (check --out and AWS_ENDPOINT_URL)") from e
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only, seekable file over a stored object (wrap in `pyarrow.PythonFile`)."""
+
+    def __init__(self, storage: Storage, rel: str, size: int):
+        self.storage, self.rel, self._size, self._pos = storage, rel, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        data = self.storage.read_range(self.rel, self._pos, end) if end > self._pos else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def size(self) -> int:
+        return self._size
 
 
 def list_s3_objects(bucket: str, prefix: str) -> list[dict]:

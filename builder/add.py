@@ -1,0 +1,387 @@
+"""`knnlm add`: every key into index shards of contiguous global-id ranges, on Ray, resumable.
+
+    index/shards/<i>-of-<n>.faiss   one plain FAISS file per id range, holding the datastore's
+                                    global ids (never local ones)
+    _index/add.json                 the plan of an unfinished add (ranges, trained index checksum)
+    _index/shards/<i>.json          a shard's commit record (written after its file)
+    manifest.json `index_shards`    [{path, first_id, num_ids, bytes, checksum}], written when all
+                                    shards are committed
+
+Each shard is one Ray task (`add_shard`, a thin wrapper over `encode_range`): it streams its
+range's key shards one at a time (each checked against its manifest checksum; the next one is
+prefetched while the current one is encoded), so its memory is one or two key shards plus the
+index shard it fills. A killed task is retried by Ray; a killed driver leaves committed records
+that a rerun skips; a retried shard overwrites its unlisted file with the same content.
+"""
+from __future__ import annotations
+
+import bisect
+import concurrent.futures as cf
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from builder.config import AddConfig, ConfigError
+from builder.faults import maybe_fault
+from builder.index import Encoder, file_sha256, index_to_bytes, resolve_backend, sha256
+from builder.layout import (ADD_REQUEST, INDEX_LEASE, MERGED_INDEX, MERGED_IVFDATA, index_shard_path,
+                            index_shard_record_path)
+from builder.lease import Lease
+from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.shards import ShardError, load_shard, read_row_group
+from builder.train import IndexBuildError, load_trained_index
+from cluster.storage import NotFound, Storage, StorageError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (ConfigError, ManifestError, ShardError, StorageError, IndexBuildError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure cores
+
+
+def plan_ranges(num_keys: int, index_shards: int | None = None, shard_size: int | None = None) -> list[tuple[int, int]]:
+    """[(first_id, num_ids)]: contiguous ranges covering [0, num_keys), in id order.
+
+    `index_shards` N: N near-equal ranges; `shard_size` R: ranges of R ids, the last shorter."""
+    if index_shards is not None:
+        n = max(1, min(index_shards, num_keys))
+        bounds = [i * num_keys // n for i in range(n + 1)]
+        return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+    r = shard_size or AddConfig.DEFAULT_SHARD_SIZE
+    return [(a, min(r, num_keys - a)) for a in range(0, num_keys, r)]
+
+
+def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch: bool = True
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids (b,) int64, keys (b, dim) float16) batches of one row group each, covering global ids
+    [first, first+num) in order. Key shards are read whole, checked against their manifest
+    checksum, one ahead of the one being consumed."""
+    from builder.sample import row_group_rows
+    rgr = row_group_rows(m)
+    last = first + num
+    starts = [s["first_id"] for s in m.shards]
+    i0 = max(0, bisect.bisect_right(starts, first) - 1)
+    todo = [i for i in range(i0, len(m.shards)) if m.shards[i]["first_id"] < last]
+    todo = [i for i in todo if m.shards[i]["first_id"] + m.shards[i]["num_rows"] > first]
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="knnlm-prefetch") if prefetch else None
+    load = (lambda i: load_shard(storage, m.shards[i], m.dim))
+    nxt = pool.submit(load, todo[0]) if pool and todo else None
+    try:
+        for k, i in enumerate(todo):
+            pf = nxt.result() if pool else load(i)
+            nxt = pool.submit(load, todo[k + 1]) if pool and k + 1 < len(todo) else None
+            s = m.shards[i]
+            for g in range(-(-s["num_rows"] // rgr)):
+                a = s["first_id"] + g * rgr                      # global id of the group's first row
+                rows = min(rgr, s["num_rows"] - g * rgr)
+                lo, hi = max(a, first), min(a + rows, last)
+                if lo >= hi:
+                    continue
+                keys = read_row_group(pf, storage, s, g, rows, m.dim)
+                yield np.arange(lo, hi, dtype=np.int64), keys[lo - a:hi - a]
+            del pf
+    finally:
+        if pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def encode_range(storage: Storage, m: Manifest, trained, first: int, num: int, backend: str = "faiss",
+                 device: str = "cpu", batch_rows: int = 65536):
+    """A copy of the trained index holding the keys of global ids [first, first+num)."""
+    enc = Encoder(trained, backend, device)
+    buf_ids, buf_keys, n = [], [], 0
+
+    def flush():
+        nonlocal buf_ids, buf_keys, n
+        if n:
+            enc.add(np.concatenate(buf_ids), np.concatenate(buf_keys))
+        buf_ids, buf_keys, n = [], [], 0
+
+    for ids, keys in iter_key_range(storage, m, first, num):
+        buf_ids.append(ids)
+        buf_keys.append(keys)
+        n += len(ids)
+        if n >= batch_rows:  # larger batches than one row group: faiss/torch run at full width
+            flush()
+    flush()
+    index = enc.result()
+    if index.ntotal != num:
+        raise IndexBuildError(f"internal error: index shard for ids [{first}, {first + num}) holds {index.ntotal} ids")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# the task (a Ray task body; also callable in-process)
+
+
+def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str, device: str,
+              threads: int | None) -> dict:
+    """Encode shard i of n, write its file then its commit record; return the record."""
+    t0 = time.perf_counter()
+    if threads:
+        import faiss
+        faiss.omp_set_num_threads(threads)
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    storage = Storage.from_uri(root_uri)
+    m = load_manifest(storage)
+    trained = load_trained_index(storage, m)
+    backend, device = resolve_backend(backend, device, "--encoder")
+    maybe_fault("add", i)
+    index = encode_range(storage, m, trained, first, num, backend, device)
+    data = index_to_bytes(index)
+    path = index_shard_path(i, n)
+    storage.write_bytes(path, data)
+    rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": len(data), "checksum": sha256(data),
+           "index_checksum": m.index["checksum"], "encoder": backend, "device": device,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    storage.write_text(index_shard_record_path(i), json.dumps(rec))
+    log.info("index shard %d/%d: %d ids in %.1fs (%.0f vectors/s)", i + 1, n, num, rec["seconds"],
+             num / max(rec["seconds"], 1e-9))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class AddResult:
+    manifest: Manifest
+    already_done: bool = False
+    seconds: float = 0.0
+    shards_run: int = 0
+    shards_skipped: int = 0
+    ids_added: int = 0
+    merged: bool = False
+
+    def summary(self) -> str:
+        shards = self.manifest.index_shards or []
+        tail = f"; merged into {self.manifest.index_merged['path']}" if self.merged else ""
+        if self.already_done:
+            return f"all {len(shards)} index shards are already built ({self.manifest.num_keys:,} ids); nothing to do" + tail
+        rate = self.ids_added / self.seconds if self.seconds > 0 else 0.0
+        return (f"added {self.manifest.num_keys:,} ids into {len(shards)} index shards in {self.seconds:.1f}s "
+                f"({rate:,.0f} vectors/s this run; {self.shards_run} shards run, {self.shards_skipped} already "
+                f"committed)" + tail)
+
+
+def _request(m: Manifest, ranges: list[tuple[int, int]]) -> dict:
+    return {"index_checksum": m.index["checksum"], "ranges": [list(r) for r in ranges]}
+
+
+def _describe(ranges: list) -> str:
+    return f"{len(ranges)} shards" + (f" of ~{ranges[0][1]:,} ids" if ranges else "")
+
+
+def _unwrap(e: BaseException, what: str) -> IndexBuildError:
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, USER_ERRORS):
+        return IndexBuildError(f"{what}: {cause}")
+    return IndexBuildError(f"{what} failed on a Ray worker: {type(cause).__name__}: {cause}")
+
+
+def add_stage(cfg: AddConfig) -> AddResult:
+    """Build (or resume, or check) the index shards; optionally merge them."""
+    t0 = time.perf_counter()
+    storage = Storage.from_uri(cfg.datastore)
+    m = load_manifest(storage)
+    load_trained_index(storage, m)  # present, intact, matching dim and metric: before any work
+    if cfg.encoder != "auto" or cfg.device != "auto":
+        resolve_backend(cfg.encoder, cfg.device, "--encoder")  # flag errors early (on this machine)
+    explicit = cfg.index_shards is not None or cfg.shard_size is not None
+    if m.index_shards and not explicit and not cfg.force:
+        ranges = [(s["first_id"], s["num_ids"]) for s in m.index_shards]  # "add again": the same layout
+    else:
+        ranges = plan_ranges(m.num_keys, cfg.index_shards, cfg.shard_size)
+    want = _request(m, ranges)
+    if m.index_shards and not cfg.force:
+        have = [[s["first_id"], s["num_ids"]] for s in m.index_shards]
+        if have != want["ranges"]:
+            raise ConfigError(f"{storage.uri} already has {_describe(have)}; this run asks for {_describe(ranges)} "
+                              "(--index-shards/--shard-size): rerun without them to keep the existing shards, "
+                              "or add --force to rebuild them")
+        if not cfg.merge or m.index_merged:
+            return AddResult(m, already_done=True, merged=bool(m.index_merged))
+
+    from cluster.runtime import ray_session
+    with Lease(storage, cfg.lease_ttl, INDEX_LEASE, "index build") as lease:
+        m = load_manifest(storage)
+        if m.index_shards and not cfg.force:   # only the merge is left
+            merge_shards(storage, m, lease)
+            return AddResult(m, already_done=True, merged=True, seconds=time.perf_counter() - t0)
+        records = _resume(storage, m, want, cfg.force)
+        pending = [i for i in range(len(ranges)) if i not in records]
+        log.info("%d index shards over %s ids (%d already committed)", len(ranges), f"{m.num_keys:,}",
+                 len(ranges) - len(pending))
+        ids_added = 0
+        if pending:
+            with ray_session(cfg.address):
+                ids_added = _run_tasks(cfg, storage, lease, ranges, pending, records)
+        shards = [{k: records[i][k] for k in ("path", "first_id", "num_ids", "bytes", "checksum")}
+                  for i in range(len(ranges))]
+        if sum(s["num_ids"] for s in shards) != m.num_keys:
+            raise IndexBuildError("internal error: the index shards do not cover the datastore")
+        m.index_shards = shards
+        m.index_merged = None
+        lease.check()  # fencing: only the lease holder commits
+        write_manifest(storage, m)
+        listed = {s["path"] for s in shards}
+        for p in storage.list("index/shards/"):
+            if p not in listed:
+                storage.delete(p)
+        storage.delete_prefix("_index/shards/")
+        storage.delete(ADD_REQUEST)
+        storage.cleanup_incomplete("index/")
+        if cfg.merge:
+            merge_shards(storage, m, lease)
+    return AddResult(m, seconds=time.perf_counter() - t0, shards_run=len(pending),
+                     shards_skipped=len(ranges) - len(pending), ids_added=ids_added, merged=cfg.merge)
+
+
+def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int, dict]:
+    """Commit records of an unfinished add with the same plan; a different plan is refused
+    (or, with force or a retrained index, dropped)."""
+    try:
+        have = json.loads(storage.read_text(ADD_REQUEST))
+    except NotFound:
+        have = None
+    if have is not None and have != want:
+        if have["index_checksum"] == want["index_checksum"] and not force:
+            raise ConfigError(f"{storage.uri} has an unfinished add with {_describe(have['ranges'])}; this run asks "
+                              f"for {_describe(want['ranges'])} (--index-shards/--shard-size): rerun with the "
+                              "original setting to resume it, or add --force to start over")
+        log.info("dropping an unfinished add (%s) built %s", _describe(have["ranges"]),
+                 "from an older index" if have["index_checksum"] != want["index_checksum"] else "with other ranges")
+        have = None
+    if have is None or force:
+        storage.delete_prefix("_index/shards/")
+        for p in storage.list("index/shards/") + storage.list("index/merged"):
+            storage.delete(p)
+        storage.write_text(ADD_REQUEST, json.dumps(want))
+        if force and m.index_shards:
+            m.index_shards = m.index_merged = None
+            write_manifest(storage, m)   # the old shards are about to go
+        return {}
+    records = {}
+    for p in storage.list("_index/shards/"):
+        rec = json.loads(storage.read_text(p))
+        if rec["index_checksum"] == want["index_checksum"] and storage.exists(rec["path"]):
+            records[rec["shard"]] = rec
+    return records
+
+
+def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pending: list[int],
+               records: dict[int, dict]) -> int:
+    import ray
+    import ray.exceptions as rex
+
+    from cluster.runtime import cluster_resources, max_node_cpus
+    cpus, gpus = cluster_resources()
+    use_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.encoder != "faiss"
+    if cfg.device == "cuda" and gpus == 0:
+        raise IndexBuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
+    workers = cfg.workers or (gpus if use_gpu else nodes)
+    threads = cfg.threads or max(1, max_node_cpus() // max(1, -(-workers // nodes)))
+    threads = min(threads, max_node_cpus())
+    task = ray.remote(add_shard).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
+                                         max_retries=cfg.max_retries, retry_exceptions=[StorageError])
+    device = "cuda" if use_gpu else "cpu"
+    log.info("adding with %d concurrent tasks of %d threads%s", workers, threads, " and 1 GPU" if use_gpu else "")
+    queue = list(pending)
+    inflight: dict = {}
+    added, t0 = 0, time.perf_counter()
+    n = len(ranges)
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < workers:
+                i = queue.pop(0)
+                inflight[task.remote(storage.uri, i, n, ranges[i][0], ranges[i][1], cfg.encoder, device,
+                                     threads)] = i
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=2.0)
+            lease.ensure()
+            for ref in done:
+                i = inflight.pop(ref)
+                try:
+                    records[i] = ray.get(ref)
+                except (rex.RayActorError, rex.WorkerCrashedError) as e:
+                    raise IndexBuildError(f"index shard {i} ({storage.url(index_shard_path(i, n))}): its worker died "
+                                          f"{cfg.max_retries + 1} times ({type(e).__name__}); rerun to resume") from None
+                except Exception as e:
+                    raise _unwrap(e, f"index shard {i} (ids {ranges[i][0]}..{sum(ranges[i]) - 1})") from None
+                added += ranges[i][1]
+                el = time.perf_counter() - t0
+                log.info("index shards %d/%d committed, %s ids, %s vectors/s", len(records), n, f"{added:,}",
+                         f"{added / max(el, 1e-9):,.0f}")
+    finally:
+        for ref in inflight:
+            ray.cancel(ref)
+    return added
+
+
+# ---------------------------------------------------------------------------------------------
+# --merge: one index over on-disk inverted lists, for single-node serving
+
+
+def merge_shards(storage: Storage, m: Manifest, lease: Lease | None = None) -> dict:
+    """Merge the index shards into index/merged.faiss + index/merged.ivfdata (read them back with
+    `load_merged_index`, which puts both in one local directory)."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    trained = load_trained_index(storage, m)
+    with tempfile.TemporaryDirectory(prefix="knnlm-merge-") as tmp:
+        names = []
+        for s in m.index_shards:
+            names.append(os.path.join(tmp, os.path.basename(s["path"])))
+            storage.download_file(s["path"], names[-1])
+            if file_sha256(names[-1]) != s["checksum"]:
+                raise IndexBuildError(f"{storage.url(s['path'])} does not match its manifest checksum: rerun "
+                                      f"`knnlm add {storage.uri} --force`")
+        ivfdata = os.path.join(tmp, os.path.basename(MERGED_IVFDATA))
+        merge_ondisk(trained, names, ivfdata)                     # mmaps the shards, writes the lists
+        for name in names:
+            os.remove(name)
+        if trained.ntotal != m.num_keys:
+            raise IndexBuildError(f"internal error: the merged index holds {trained.ntotal} ids, not {m.num_keys}")
+        out = os.path.join(tmp, os.path.basename(MERGED_INDEX))
+        faiss.write_index(trained, out)
+        sizes = {p: os.path.getsize(p) for p in (out, ivfdata)}
+        sums = {p: file_sha256(p) for p in (out, ivfdata)}
+        storage.upload_file(MERGED_IVFDATA, ivfdata)            # the lists first: the index file names them
+        storage.upload_file(MERGED_INDEX, out)
+    m.index_merged = {"path": MERGED_INDEX, "ivfdata": MERGED_IVFDATA, "num_ids": m.num_keys,
+                      "bytes": sizes[out], "checksum": sums[out], "ivfdata_bytes": sizes[ivfdata],
+                      "ivfdata_checksum": sums[ivfdata]}
+    if lease is not None:
+        lease.check()
+    write_manifest(storage, m)
+    log.info("merged %d index shards into %s (%.1f MB of inverted lists)", len(m.index_shards), MERGED_INDEX,
+             sizes[ivfdata] / 1e6)
+    return m.index_merged
+
+
+def load_merged_index(storage: Storage, m: Manifest, local_dir: str):
+    """The merged on-disk index, fetched into `local_dir` (checksums verified) and memory-mapped."""
+    import faiss
+    if not m.index_merged:
+        raise IndexBuildError(f"{storage.uri} has no merged index: run `knnlm add {storage.uri} --merge`")
+    os.makedirs(local_dir, exist_ok=True)
+    paths = {}
+    for key, ck in (("path", "checksum"), ("ivfdata", "ivfdata_checksum")):
+        paths[key] = os.path.join(local_dir, os.path.basename(m.index_merged[key]))
+        storage.download_file(m.index_merged[key], paths[key])
+        if file_sha256(paths[key]) != m.index_merged[ck]:
+            raise IndexBuildError(f"{storage.url(m.index_merged[key])} does not match its manifest checksum")
+    return faiss.read_index(paths["path"], faiss.IO_FLAG_ONDISK_SAME_DIR)

@@ -1,0 +1,186 @@
+"""`knnlm train-index`: a uniform sample of the datastore's keys → a trained, empty FAISS index.
+
+    index/trained-<sha256[:12]>.faiss   the trained index (a plain FAISS file: faiss.read_index)
+    manifest.json `index`               {path, factory, metric, train_size, seed, sample_checksum,
+                                         checksum, ...}
+
+The file's name carries its checksum, so a retrain (`--force`) writes a new file, switches the
+manifest to it atomically, and only then deletes the old index and the index shards built from
+it: a run killed at any point leaves a manifest that points at a complete, matching index.
+Rerunning with the same parameters does nothing; different parameters are refused unless --force.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from builder.config import ConfigError, TrainConfig
+from builder.index import (check_factory, check_train_size, index_to_bytes, quantization_error, resolve_backend,
+                           sha256, train_index)
+from builder.layout import INDEX_LEASE
+from builder.lease import Lease
+from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.sample import sample_checksum, sample_keys
+from cluster.storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
+
+# what a rerun must match (field → flag)
+TRAIN_IDENTITY = {"factory": "--index-factory", "metric": "--metric", "train_size": "--train-size",
+                  "seed": "--seed", "read_factor": "--read-factor"}
+QERR_KEYS = 20000  # keys of the sample on which the quantization error is reported
+
+
+class IndexBuildError(RuntimeError):
+    """An index stage failed for a reason stated in the message; nothing partial was committed."""
+
+
+@dataclass
+class TrainResult:
+    manifest: Manifest
+    already_done: bool = False
+    seconds: float = 0.0
+    stats: dict | None = None
+
+    def summary(self) -> str:
+        ix = self.manifest.index
+        if self.already_done:
+            return (f"the index is already trained ({ix['factory']}, {ix['metric']}, {ix['train_size']:,} keys, "
+                    f"seed {ix['seed']}): {ix['path']}; nothing to do")
+        return (f"trained {ix['factory']} ({ix['metric']}) on {ix['train_size']:,} sampled keys with "
+                f"{ix['trainer']} on {ix['device']} in {self.seconds:.1f}s "
+                f"(sample {ix['seconds']['sample']:.1f}s, train {ix['seconds']['train']:.1f}s): {ix['path']}")
+
+
+def index_artifacts(m: Manifest) -> list[str]:
+    """Paths the manifest's index sections point at."""
+    paths = [m.index["path"]] if m.index else []
+    paths += [s["path"] for s in m.index_shards or []]
+    if m.index_merged:
+        paths += [m.index_merged["path"], m.index_merged["ivfdata"]]
+    return paths
+
+
+def drop_index_files(storage: Storage, keep: set[str]) -> int:
+    """Delete everything under index/ and _index/ (but the lease) that is not in `keep`."""
+    n = 0
+    for p in storage.list("index/") + storage.list("_index/"):
+        if p not in keep and not p.endswith("lease.json"):
+            storage.delete(p)
+            n += 1
+    return n
+
+
+def _want(cfg: TrainConfig, n_train: int) -> dict:
+    return {"factory": cfg.index_factory, "metric": cfg.metric, "train_size": n_train, "seed": cfg.seed,
+            "read_factor": cfg.read_factor}
+
+
+def _diffs(have: dict, want: dict) -> list[str]:
+    return [f"{k} ({TRAIN_IDENTITY[k]}): the index has {have.get(k)!r}, this run asks for {want[k]!r}"
+            for k in TRAIN_IDENTITY if have.get(k) != want[k]]
+
+
+def train_stage(cfg: TrainConfig) -> TrainResult:
+    """Sample, train and commit the index (or do nothing / refuse, see the module docstring)."""
+    t0 = time.perf_counter()
+    storage = Storage.from_uri(cfg.datastore)
+    m = load_manifest(storage)
+    info = check_factory(cfg.index_factory, m.dim, cfg.metric)
+    n_train = min(cfg.train_size, m.num_keys)
+    check_train_size(info, n_train, m.num_keys, cfg.min_points_per_centroid)
+    backend, device = resolve_backend(cfg.trainer, cfg.device, "--trainer")
+    want = _want(cfg, n_train)
+    if m.index and not cfg.force:
+        diffs = _diffs(m.index, want)
+        if not diffs:
+            if not storage.exists(m.index["path"]):
+                raise IndexBuildError(f"{storage.url(m.index['path'])}, the trained index the manifest lists, is "
+                                      "missing: rerun with --force to train it again")
+            return TrainResult(m, already_done=True)
+        n_shards = len(m.index_shards or [])
+        raise ConfigError(f"{storage.uri} already has a trained index with different settings:\n  " +
+                          "\n  ".join(diffs) + "\nRerun with the original settings, or add --force to retrain "
+                          f"(which also drops the {n_shards} index shards built from the old index).")
+
+    with Lease(storage, cfg.lease_ttl, INDEX_LEASE, "index build") as lease:
+        m = load_manifest(storage)  # as of now, under the lease
+        if cfg.threads:
+            import faiss
+            faiss.omp_set_num_threads(cfg.threads)
+        t_sample = time.perf_counter()
+        ids, keys = sample_keys(storage, m, n_train, cfg.seed, cfg.read_factor)
+        x = keys.astype(np.float32)                                   # (n, dim) fp32 for faiss/torch
+        if not np.isfinite(x).all():
+            bad = int(ids[~np.isfinite(x).all(1)][0])
+            raise IndexBuildError(f"key {bad} of {storage.uri} is not finite: the datastore is corrupted "
+                                  f"(run `knnlm verify {storage.uri}`)")
+        digest = sample_checksum(ids, keys)
+        del keys
+        t_train = time.perf_counter()
+        index = train_index(x, cfg.index_factory, cfg.metric, cfg.seed, backend, device)
+        t_done = time.perf_counter()
+        qerr = quantization_error(index, x[:: max(1, len(x) // QERR_KEYS)][:QERR_KEYS])
+        data = index_to_bytes(index)
+        checksum = sha256(data)
+        path = f"index/trained-{checksum.split(':')[1][:12]}.faiss"
+        storage.write_bytes(path, data)
+        old = index_artifacts(m)
+        m.index = want | {
+            "path": path, "sample_checksum": digest, "checksum": checksum, "bytes": len(data), "dim": m.dim,
+            "nlist": info.nlist, "code_size": info.code_size, "trainer": backend, "device": device,
+            "quantization": {k: round(v, 6) for k, v in qerr.items()},
+            "seconds": {"sample": round(t_train - t_sample, 2), "train": round(t_done - t_train, 2)},
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions()}
+        m.index_shards = None
+        m.index_merged = None
+        lease.check()  # fencing: only the lease holder commits
+        write_manifest(storage, m)
+        dropped = drop_index_files(storage, {path})
+        if old:
+            log.info("retrained: dropped the old index and %d files built from it", dropped)
+    log.info("index quantization error on %d sampled keys: coarse %.4g, reconstruction %.4g (mean |x|^2 %.4g)",
+             min(len(x), QERR_KEYS), qerr["coarse_mse"], qerr["reconstruction_mse"], qerr["mean_sq_norm"])
+    return TrainResult(m, seconds=time.perf_counter() - t0, stats=qerr)
+
+
+def load_trained_index(storage: Storage, m: Manifest):
+    """The manifest's trained index, checked: present, checksum, dim and metric."""
+    from builder.index import index_from_bytes, metric_name
+    if not m.index:
+        raise IndexBuildError(f"{storage.uri} has no trained index: run `knnlm train-index {storage.uri}` first")
+    try:
+        data = storage.read_bytes(m.index["path"])
+    except NotFound:
+        raise IndexBuildError(f"{storage.url(m.index['path'])}, the trained index the manifest lists, is missing: "
+                              f"rerun `knnlm train-index {storage.uri} --force`") from None
+    if sha256(data) != m.index["checksum"]:
+        raise IndexBuildError(f"{storage.url(m.index['path'])} does not match the manifest's checksum (corrupted or "
+                              f"replaced): rerun `knnlm train-index {storage.uri} --force`")
+    index = index_from_bytes(data)
+    if index.d != m.dim:
+        raise ManifestError(f"{storage.url(m.index['path'])} indexes vectors of dim {index.d}, but the datastore's "
+                            f"keys have dim {m.dim}")
+    if metric_name(index.metric_type) != m.index["metric"]:
+        raise ManifestError(f"{storage.url(m.index['path'])} uses metric {metric_name(index.metric_type)}, the "
+                            f"manifest says {m.index['metric']}")
+    return index
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {}
+    for p in ("knnlm-datastore", "faiss-cpu", "faiss-gpu-cu12", "torch", "numpy"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

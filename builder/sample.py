@@ -3,11 +3,10 @@
 A datastore is in corpus order, so its head is not representative. A row-uniform sample of
 1M keys from ~3B would touch nearly every row group, so the sample is two-stage:
 
-1. `plan_sample` (pure) picks whole row groups uniformly at random (a seeded permutation),
-   until they hold `read_factor` × `train_size` rows, then draws `train_size` rows uniformly
-   without replacement from their union. Every row of the datastore is equally likely to be
-   drawn (up to the shorter last row group of each shard), and the read is `read_factor` ×
-   the sample: a small fraction of a large datastore.
+1. `plan_sample` (pure) picks row groups at random, each with a probability proportional to
+   its size, and rows within them so that every row of the datastore is equally likely to be
+   drawn, exactly, whatever its row group's size; the read is about `read_factor` × the sample:
+   a small fraction of a large datastore.
 2. `read_sample` fetches only those row groups (ranged reads on S3), in parallel.
 
 The sample's ids, and a checksum over its ids and key bytes, are reproducible from the seed.
@@ -64,24 +63,29 @@ def row_groups(m: Manifest) -> RowGroups:
 def plan_sample(rg: RowGroups, train_size: int, seed: int, read_factor: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
     """(row groups to read, sorted global ids of the sample). Pure and seeded.
 
-    `train_size` ≥ the number of keys takes every key. Otherwise whole row groups are taken in
-    a seeded random order until they hold min(total, ceil(read_factor × train_size)) rows, and
-    `train_size` ids are drawn uniformly without replacement from their rows."""
+    `train_size` ≥ the number of keys takes every key. Otherwise, with p slightly above
+    train_size / total (a margin of 4σ so that enough rows come out): each row group g of s_g
+    rows is read with probability π_g = min(1, max(read_factor · p · s_g / B, p)) (B the full
+    group size), independently, and each of its rows is kept with probability p / π_g, so every
+    row of the datastore is kept with probability exactly p, whatever its group's size; then
+    `train_size` of the kept rows are drawn uniformly. The expected read is read_factor ×
+    train_size rows."""
     total = int(rg.num_rows.sum())
     if train_size >= total:
         return np.arange(len(rg.num_rows)), np.arange(total, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rg.num_rows))
-    want = min(total, int(np.ceil(read_factor * train_size)))
-    cum = np.cumsum(rg.num_rows[order])
-    take = np.sort(order[:int(np.searchsorted(cum, want)) + 1])
-    # the union of the chosen groups as one virtual range; draw positions in it
-    sizes = rg.num_rows[take]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    pos = np.sort(rng.choice(int(sizes.sum()), size=train_size, replace=False))
-    which = np.searchsorted(starts, pos, side="right") - 1
-    ids = rg.first_id[take][which] + (pos - starts[which])
-    return take, ids.astype(np.int64)
+    p = min(1.0, (train_size + 4.0 * np.sqrt(train_size) + 16.0) / total)
+    big = float(rg.num_rows.max())
+    pi = np.minimum(1.0, np.maximum(read_factor * p * rg.num_rows / big, p))       # (G,) read probability
+    while True:
+        take = np.flatnonzero(rng.random(len(pi)) < pi)
+        keep = [rg.first_id[g] + np.flatnonzero(rng.random(rg.num_rows[g]) < p / pi[g]) for g in take]
+        kept = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        if len(kept) >= train_size:  # fails with probability < 1e-4: draw again
+            break
+    ids = np.sort(rng.choice(kept, size=train_size, replace=False))
+    used = np.unique(np.searchsorted(rg.first_id, ids, side="right") - 1)   # groups holding a sampled id
+    return used, ids.astype(np.int64)
 
 
 def sample_checksum(ids: np.ndarray, keys: np.ndarray) -> str:

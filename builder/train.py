@@ -148,6 +148,28 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
     return TrainResult(m, seconds=time.perf_counter() - t0, stats=qerr)
 
 
+def train_on_cluster(cfg: TrainConfig, address: str | None):
+    """Run `train_stage` as one Ray task on the cluster at `address` (on a GPU node when the
+    cluster has GPUs): the sample is read and the index trained there, not on the driver."""
+    import ray
+
+    from cluster.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
+    with ray_session(address):
+        cpus, gpus = cluster_resources()
+        want_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.trainer != "faiss"
+        if cfg.device == "cuda" and gpus == 0:
+            raise ClusterError("--device cuda: the Ray cluster has no GPUs")
+        task = ray.remote(train_stage).options(num_cpus=min(cfg.threads or max_node_cpus(), max_node_cpus()),
+                                               num_gpus=1 if want_gpu else 0, max_retries=1)
+        try:
+            return ray.get(task.remote(cfg))
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if e.cause is not None else e
+            if isinstance(cause, (ConfigError, ManifestError, IndexBuildError, ValueError, RuntimeError)):
+                raise cause from None
+            raise IndexBuildError(f"train-index failed on the cluster: {type(cause).__name__}: {cause}") from None
+
+
 def load_trained_index(storage: Storage, m: Manifest):
     """The manifest's trained index, checked: present, checksum, dim and metric."""
     from builder.index import index_from_bytes, metric_name

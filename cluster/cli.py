@@ -102,6 +102,9 @@ def _add_train_index(sub) -> None:
     p.add_argument("--min-points-per-centroid", type=int, default=d["min_points_per_centroid"].default,
                    help="training keys needed per IVF centroid (faiss warns below 39)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for faiss/torch (default: all cores)")
+    p.add_argument("--address", default=None,
+                   help="run the training as one Ray task on this cluster (on a GPU node if it has GPUs), "
+                        "a Ray address as ray.init takes it; default: in this process")
     p.add_argument("--force", action="store_true", help="retrain even if an index with other settings exists "
                                                         "(drops its index shards)")
     p.add_argument("--lease-ttl", type=float, default=d["lease_ttl"].default,
@@ -111,12 +114,12 @@ def _add_train_index(sub) -> None:
 
 def _cmd_train_index(a) -> int:
     from builder.config import TrainConfig
-    from builder.train import train_stage
+    from builder.train import train_on_cluster, train_stage
     cfg = TrainConfig(datastore=a.datastore, train_size=a.train_size, index_factory=a.index_factory, metric=a.metric,
                       seed=a.seed, trainer=a.trainer, device=a.device, read_factor=a.read_factor,
                       min_points_per_centroid=a.min_points_per_centroid, force=a.force, threads=a.threads,
                       lease_ttl=a.lease_ttl)
-    print(train_stage(cfg).summary())
+    print((train_on_cluster(cfg, a.address) if a.address else train_stage(cfg)).summary())
     return 0
 
 

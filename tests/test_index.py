@@ -389,6 +389,28 @@ def test_errors_are_clear(trained, tmp_path, ray_cluster):
         TrainConfig(datastore="x", train_size=0)
 
 
+def test_a_second_index_run_is_refused_while_one_runs(trained, tmp_path):
+    from builder.layout import INDEX_LEASE
+    from builder.lease import Lease, LeaseError
+    uri = fresh_copy(trained[FACTORY_FLAT], tmp_path / "ds")
+    with Lease(Storage.from_uri(uri), 1.0, INDEX_LEASE, "index build"):     # a live holder, renewing
+        with pytest.raises(LeaseError, match="another index build is running"):
+            add_stage(acfg(uri, lease_ttl=1.0))
+        with pytest.raises(LeaseError, match="another index build is running"):
+            train_stage(tcfg(uri, index_factory=FACTORY_FLAT, force=True, lease_ttl=1.0))
+    assert load_manifest(Storage.from_uri(uri)).index_shards is None
+
+
+def test_train_index_on_a_cluster_task(synth, tmp_path, ray_cluster):
+    """--address runs the training as a Ray task; its errors come back as the same clear errors."""
+    from builder.train import train_on_cluster
+    uri = fresh_copy(synth, tmp_path / "ds")
+    res = train_on_cluster(tcfg(uri, index_factory=FACTORY_FLAT), None)
+    assert res.manifest.index["factory"] == FACTORY_FLAT
+    with pytest.raises(ConfigError, match="already has a trained index"):
+        train_on_cluster(tcfg(uri, index_factory=FACTORY_PQ), None)
+
+
 def test_cli_train_index_and_add(synth, tmp_path, capsys, ray_cluster):
     from cluster.cli import main
     uri = fresh_copy(synth, tmp_path / "ds")

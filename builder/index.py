@@ -239,6 +239,9 @@ class Encoder:
         if backend == "faiss-gpu":
             self.res = faiss.StandardGpuResources()
             self.gpu = faiss.index_cpu_to_gpu(self.res, 0, self.index)
+        elif backend == "torch":
+            from builder.kmeans import TorchEncoder
+            self.torch = TorchEncoder(trained, device)   # centroids stay on the device across batches
 
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
         """ids (n,) int64 global ids; keys (n, d) float16 or float32."""
@@ -250,8 +253,7 @@ class Encoder:
         elif self.backend == "faiss-gpu":
             self.gpu.add_with_ids(x, ids)
         elif self.backend == "torch":
-            from builder.kmeans import encode_torch
-            codes = encode_torch(self.index, x, device=self.device)    # (n, sa_code_size) uint8
+            codes = self.torch.encode(x)                                 # (n, sa_code_size) uint8
             faiss.extract_index_ivf(self.index).add_sa_codes(codes, ids)
         else:
             raise ValueError(f"unknown encoder {self.backend!r}")

@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric", default="l2", choices=("l2", "ip"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the torch trainer/encoder")
     ap.add_argument("--trainers", default="faiss,torch", help="our trainers to time against faiss's own")
+    ap.add_argument("--skip-torch-encode", action="store_true", help="no torch encoder timing")
     ap.add_argument("--skip-ray", action="store_true", help="no `knnlm add` stage runs (a machine without Ray)")
     ap.add_argument("--workers", default="1,2", help="worker counts for the `knnlm add` runs")
     ap.add_argument("--repeats", type=int, default=2, help="train timings: best of N, order alternated")
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
 
     from bench_build import machine_info
     from builder.add import encode_range
-    from builder.index import add_batches, ivf_contents, new_index, quantization_error, train_index
+    from builder.index import ivf_contents, new_index, quantization_error, train_index
     from builder.manifest import load_manifest
     from builder.sample import sample_keys
     from builder.shards import read_shard
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         log.info("core path (read + check + decode + add): %.0f vectors/s (%.3f of faiss)", m.num_keys / t, t_add / t)
         del idx, clone
 
-        if "torch" in a.trainers:
+        if not a.skip_torch_encode:
             from builder.kmeans import encode_torch
             encode_torch(trained, xall[:1000], device=a.device)          # warm-up (CUDA init)
             codes, t = timed(encode_torch, trained, xall, device=a.device)

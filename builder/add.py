@@ -125,18 +125,16 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
               threads: int | None) -> dict:
     """Encode shard i of n, write its file then its commit record; return the record."""
     t0 = time.perf_counter()
+    backend, device = resolve_backend(backend, device, "--encoder")
     if threads:
         import faiss
         faiss.omp_set_num_threads(threads)
-        try:
+        if backend == "torch":  # torch only where it is used: importing it costs seconds
             import torch
             torch.set_num_threads(threads)
-        except ImportError:
-            pass
     storage = Storage.from_uri(root_uri)
     m = load_manifest(storage)
     trained = load_trained_index(storage, m)
-    backend, device = resolve_backend(backend, device, "--encoder")
     maybe_fault("add", i)
     index = encode_range(storage, m, trained, first, num, backend, device)
     data = index_to_bytes(index)
@@ -185,10 +183,8 @@ def _describe(ranges: list) -> str:
 
 
 def _unwrap(e: BaseException, what: str) -> IndexBuildError:
-    cause = getattr(e, "cause", None) or e
-    if isinstance(cause, USER_ERRORS):
-        return IndexBuildError(f"{what}: {cause}")
-    return IndexBuildError(f"{what} failed on a Ray worker: {type(cause).__name__}: {cause}")
+    from cluster.runtime import unwrap_task_error
+    return unwrap_task_error(e, what, USER_ERRORS, IndexBuildError)
 
 
 def add_stage(cfg: AddConfig) -> AddResult:
@@ -266,7 +262,7 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
         have = None
     if have is None or force:
         storage.delete_prefix("_index/shards/")
-        for p in storage.list("index/shards/") + storage.list("index/merged"):
+        for p in storage.list("index/shards/") + [MERGED_INDEX, MERGED_IVFDATA]:
             storage.delete(p)
         storage.write_text(ADD_REQUEST, json.dumps(want))
         if force and m.index_shards:
@@ -370,6 +366,33 @@ def merge_shards(storage: Storage, m: Manifest, lease: Lease | None = None) -> d
     log.info("merged %d index shards into %s (%.1f MB of inverted lists)", len(m.index_shards), MERGED_INDEX,
              sizes[ivfdata] / 1e6)
     return m.index_merged
+
+
+def verify_index_files(storage: Storage, m: Manifest) -> list[str]:
+    """Problems with the index files the manifest lists (missing, size, checksum); [] if none."""
+    files = []
+    if m.index:
+        files.append((m.index["path"], m.index.get("bytes"), m.index["checksum"]))
+    for s in m.index_shards or []:
+        files.append((s["path"], s["bytes"], s["checksum"]))
+    if m.index_merged:
+        files.append((m.index_merged["path"], m.index_merged["bytes"], m.index_merged["checksum"]))
+        files.append((m.index_merged["ivfdata"], m.index_merged["ivfdata_bytes"], m.index_merged["ivfdata_checksum"]))
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="knnlm-verify-") as tmp:
+        for i, (path, size, checksum) in enumerate(files):
+            local = os.path.join(tmp, str(i))
+            try:
+                storage.download_file(path, local)
+            except NotFound:
+                problems.append(f"{path}: missing")
+                continue
+            if size is not None and os.path.getsize(local) != size:
+                problems.append(f"{path}: {os.path.getsize(local)} bytes, the manifest says {size}")
+            elif file_sha256(local) != checksum:
+                problems.append(f"{path}: checksum mismatch (corrupted or replaced)")
+            os.remove(local)
+    return problems
 
 
 def load_merged_index(storage: Storage, m: Manifest, local_dir: str):

@@ -27,8 +27,8 @@ from builder.config import BuildConfig, ConfigError
 from builder.corpus import InputError, Unit, UnitError, count_targets, detect_format, plan_units, tokenize_file
 from builder.layout import tokens_meta_path, tokens_path, unit_record_path
 from builder.lease import Lease, LeaseError
-from builder.manifest import (MANIFEST, REQUEST, Manifest, ManifestError, compare_identity,
-                              load_manifest)
+from builder.manifest import (MANIFEST, REQUEST, Manifest, ManifestError, compare_identity, load_manifest,
+                              package_versions)
 from builder.modelinfo import ModelError, ModelInfo, config_max_positions, inspect_model, resolve_model_dir
 from builder.shards import SHARD_FORMAT
 from cluster.storage import (NotFound, Storage, StorageError, expand_inputs, is_s3, local_path, read_uri,
@@ -185,10 +185,8 @@ def _explicit_dtype(cfg: BuildConfig) -> str | None:
 
 
 def _unwrap(e: BaseException, what: str) -> BuildError:
-    cause = getattr(e, "cause", None) or e
-    if isinstance(cause, USER_ERRORS):
-        return BuildError(f"{what}: {cause}")
-    return BuildError(f"{what} failed on a Ray worker: {type(cause).__name__}: {cause}")
+    from cluster.runtime import unwrap_task_error
+    return unwrap_task_error(e, what, USER_ERRORS, BuildError)
 
 
 def _retryable(e: BaseException) -> bool:
@@ -523,11 +521,4 @@ def _log_progress(done: int, total: int, written: int, seconds: float) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-    out = {}
-    for p in ("knnlm-datastore", "torch", "transformers", "tokenizers", "pyarrow", "ray"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("knnlm-datastore", "torch", "transformers", "tokenizers", "pyarrow", "ray"))

@@ -13,7 +13,6 @@ Vocabulary used throughout:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re

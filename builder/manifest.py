@@ -107,6 +107,18 @@ def load_manifest(storage: Storage) -> Manifest:
     return m
 
 
+def package_versions(packages: tuple[str, ...]) -> dict:
+    """{distribution: version} of those installed (recorded in the manifest)."""
+    import importlib.metadata as md
+    out = {}
+    for p in packages:
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def write_manifest(storage: Storage, m: Manifest) -> None:
     """Replace manifest.json atomically (later stages add their sections to it)."""
     m.validate()

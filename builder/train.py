@@ -23,7 +23,7 @@ from builder.index import (check_factory, check_train_size, index_to_bytes, quan
                            sha256, train_index)
 from builder.layout import INDEX_LEASE
 from builder.lease import Lease
-from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.manifest import Manifest, ManifestError, load_manifest, package_versions, write_manifest
 from builder.sample import sample_checksum, sample_keys
 from cluster.storage import NotFound, Storage
 
@@ -194,14 +194,8 @@ def load_trained_index(storage: Storage, m: Manifest):
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-    out = {}
-    for p in ("knnlm-datastore", "faiss-cpu", "faiss-gpu-cu12", "torch", "numpy"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("knnlm-datastore", "faiss-cpu", "faiss-gpu-cu12", "torch", "numpy"))
+
 
 
 def default_threads() -> int:

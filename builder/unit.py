@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable

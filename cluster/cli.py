@@ -198,7 +198,8 @@ def _cmd_info(a) -> int:
 def _add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check every shard of a datastore against its manifest",
                        description="Read every shard and check it exists, its sha256 checksum, its row count and "
-                                   "its key width against manifest.json, and that global ids are contiguous. "
+                                   "its key width against manifest.json, and that global ids are contiguous; "
+                                   "likewise the index files (trained index, index shards, merged index). "
                                    "Exit status 0 if all is well, 2 otherwise (each problem is listed).")
     p.add_argument("datastore", metavar="DATASTORE_URI")
     p.add_argument("--threads", type=int, default=8, help="shards read in parallel")
@@ -211,14 +212,22 @@ def _cmd_verify(a) -> int:
     from cluster.storage import Storage
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)  # also checks that ids are contiguous
+    from builder.add import verify_index_files
     problems = verify_shards(st, m, threads=a.threads)
-    for p in problems:
+    index_problems = verify_index_files(st, m)
+    for p in problems + index_problems:
         print(f"knnlm verify: {st.url(p.split(':', 1)[0])}:{p.split(':', 1)[1]}", file=sys.stderr)
     if problems:
         print(f"knnlm verify: {len(problems)} of {len(m.shards)} shards have problems; rebuild into a new --out "
               "or restore them", file=sys.stderr)
+    if index_problems:
+        print(f"knnlm verify: {len(index_problems)} index files have problems; rerun `knnlm train-index --force` "
+              "or `knnlm add --force`", file=sys.stderr)
+    if problems or index_problems:
         return 2
-    print(f"ok: {m.num_keys:,} keys in {len(m.shards)} shards, checksums match")
+    n_index = (1 if m.index else 0) + len(m.index_shards or []) + (2 if m.index_merged else 0)
+    print(f"ok: {m.num_keys:,} keys in {len(m.shards)} shards" + (f" and {n_index} index files" if n_index else "")
+          + ", checksums match")
     return 0
 
 

@@ -54,3 +54,12 @@ def max_node_cpus() -> int:
     """CPUs of the largest live node (a worker's threads must fit on one node)."""
     import ray
     return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1])
+
+
+def unwrap_task_error(e: BaseException, what: str, user_errors: tuple, cls: type[Exception]) -> Exception:
+    """A Ray task/actor error as `cls`: a user error (bad input) keeps its own message, naming
+    `what`; anything else says it failed on a Ray worker. Never a worker's traceback."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, user_errors):
+        return cls(f"{what}: {cause}")
+    return cls(f"{what} failed on a Ray worker: {type(cause).__name__}: {cause}")

@@ -2,7 +2,6 @@
 the flag, never a raw traceback, and commits nothing: no manifest.json under --out."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

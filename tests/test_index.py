@@ -10,10 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from builder.add import add_stage, iter_key_range, merge_shards, load_merged_index, plan_ranges
+from builder.add import add_stage, iter_key_range, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
-from builder.index import (add_batches, check_factory, check_train_size, index_from_bytes, ivf_contents, sha256,
-                           train_index)
+from builder.index import (add_batches, check_factory, check_train_size, ivf_contents, sha256)
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.sample import RowGroups, plan_sample, row_groups, sample_keys
 from builder.shards import ShardError, read_shard
@@ -457,6 +456,17 @@ def test_cli_train_index_and_add(synth, tmp_path, capsys, ray_cluster):
     assert main(["info", uri]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["index"]["factory"] == FACTORY_FLAT and info["index_shards"] == 2
+    assert main(["verify", uri]) == 0
+    assert "and 3 index files, checksums match" in capsys.readouterr().out
+    m = load_manifest(Storage.from_uri(uri))
+    with open(os.path.join(uri, m.index_shards[1]["path"]), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    os.remove(os.path.join(uri, m.index["path"]))
+    assert main(["verify", uri]) == 2
+    err = capsys.readouterr().err
+    assert f"{m.index_shards[1]['path']}: checksum mismatch" in err and f"{m.index['path']}: missing" in err
+    assert "2 index files have problems" in err
 
 
 @pytest.mark.s3
@@ -479,3 +489,26 @@ def test_s3_train_and_add_match_local(synth, tmp_path, s3_bucket, ray_cluster):
     assert ml.index["checksum"] == ms.index["checksum"]
     assert [s["checksum"] for s in ml.index_shards] == [s["checksum"] for s in ms.index_shards]
     assert add_stage(acfg(uri, index_shards=2)).already_done
+
+
+def _faiss_gpus() -> int:
+    from builder.index import faiss_gpus
+    return faiss_gpus()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="faiss has no GPU support here (the `gpu` extra)")
+def test_faiss_gpu_train_and_add_match_cpu(trained, synth, tmp_path, ray_cluster):
+    """faiss's own GPU trainer and encoder: quantization close to the CPU's, codes identical but for ties."""
+    a = fresh_copy(synth, tmp_path / "gpu")
+    train_stage(tcfg(a, trainer="faiss-gpu"))
+    cpu = load_manifest(Storage.from_uri(trained[FACTORY_PQ])).index["quantization"]
+    gpu = load_manifest(Storage.from_uri(a)).index["quantization"]
+    assert gpu["reconstruction_mse"] <= 1.05 * cpu["reconstruction_mse"]
+    uri = fresh_copy(trained[FACTORY_PQ], tmp_path / "ds")
+    add_stage(acfg(uri, index_shards=2, encoder="faiss-gpu"))
+    st = Storage.from_uri(uri)
+    m = load_manifest(st)
+    got = id_codes(union_contents([os.path.join(uri, s["path"]) for s in m.index_shards]))
+    want = id_codes(ivf_contents(add_batches(load_trained_index(st, m), [(np.arange(12000), all_keys(uri))])))
+    assert np.mean([got[i] == want[i] for i in range(12000)]) >= 0.999

@@ -1,5 +1,4 @@
 """Builds against a real S3-compatible server (moto server mode on 127.0.0.1) through boto3."""
-import json
 import logging
 
 import boto3
@@ -8,7 +7,7 @@ import pytest
 
 from builder.build import BuildError, build
 from cluster.storage import Storage, expand_inputs
-from test_build import W, C, document_corpus, read_datastore, small_cfg
+from test_build import document_corpus, read_datastore, small_cfg
 
 pytestmark = pytest.mark.s3
 

@@ -1,5 +1,4 @@
 """Storage primitives and the lease, on local disk and on a real S3-compatible server."""
-import json
 import threading
 import time
 

@@ -512,3 +512,42 @@ def test_faiss_gpu_train_and_add_match_cpu(trained, synth, tmp_path, ray_cluster
     got = id_codes(union_contents([os.path.join(uri, s["path"]) for s in m.index_shards]))
     want = id_codes(ivf_contents(add_batches(load_trained_index(st, m), [(np.arange(12000), all_keys(uri))])))
     assert np.mean([got[i] == want[i] for i in range(12000)]) >= 0.999
+
+
+@pytest.mark.slow
+def test_add_driver_killed_then_resumed(trained, tmp_path, ray_cluster, caplog):
+    """kill -9 the `knnlm add` driver mid-add: its lease stays behind; the rerun waits it out, skips
+    the committed shards, and the index shards equal a clean add's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from builder.layout import INDEX_LEASE
+    clean = fresh_copy(trained[FACTORY_PQ], tmp_path / "clean")
+    add_stage(acfg(clean, index_shards=24, workers=1))
+    want = load_manifest(Storage.from_uri(clean)).index_shards
+
+    uri = fresh_copy(trained[FACTORY_PQ], tmp_path / "ds")
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "cluster.cli", "add", uri, "--index-shards", "24", "--workers", "1",
+           "--encoder", "faiss", "--lease-ttl", "3", "--address", gcs]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    records = os.path.join(uri, "_index", "shards")
+    try:
+        t0 = time.time()
+        while not (os.path.isdir(records) and len(os.listdir(records)) >= 3):
+            assert time.time() - t0 < 120, "timed out waiting for 3 committed index shards"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    m = load_manifest(Storage.from_uri(uri))
+    assert m.index_shards is None, "the add finished before it was killed"
+    committed = len(os.listdir(records))
+    assert os.path.exists(os.path.join(uri, INDEX_LEASE))       # the dead driver's lease is still there
+    caplog.set_level("WARNING")
+    res = add_stage(acfg(uri, index_shards=24, workers=1))
+    assert res.shards_skipped >= committed >= 3 and res.shards_run + res.shards_skipped == 24
+    assert "index build lease" in caplog.text
+    assert load_manifest(Storage.from_uri(uri)).index_shards == want

@@ -63,6 +63,12 @@ def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch
     """(ids (b,) int64, keys (b, dim) float16) batches of one row group each, covering global ids
     [first, first+num) in order. Key shards are read whole, checked against their manifest
     checksum, one ahead of the one being consumed."""
+    yield from iter_range(storage, m, first, num, ("key",), prefetch)
+
+
+def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tuple[str, ...] = ("key",),
+               prefetch: bool = True) -> Iterator[tuple[np.ndarray, object]]:
+    """Like iter_key_range, for any shard columns: (ids, keys) for ("key",), else (ids, {column: array})."""
     from builder.sample import row_group_rows
     rgr = row_group_rows(m)
     last = first + num
@@ -84,8 +90,10 @@ def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch
                 lo, hi = max(a, first), min(a + rows, last)
                 if lo >= hi:
                     continue
-                keys = read_row_group(pf, storage, s, g, rows, m.dim)
-                yield np.arange(lo, hi, dtype=np.int64), keys[lo - a:hi - a]
+                got = read_row_group(pf, storage, s, g, rows, m.dim, columns)
+                sl = slice(lo - a, hi - a)
+                yield np.arange(lo, hi, dtype=np.int64), (got[sl] if columns == ("key",) else
+                                                          {c: v[sl] for c, v in got.items()})
             del pf
     finally:
         if pool:

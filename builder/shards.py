@@ -169,14 +169,17 @@ def load_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
     return _check_parquet(pf, storage, s, dim)
 
 
-def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows: int, dim: int) -> np.ndarray:
-    """Keys of one row group: (rows, dim) float16."""
+def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows: int, dim: int,
+                   columns: tuple[str, ...] = ("key",)):
+    """Keys of one row group: (rows, dim) float16; with other `columns`, a dict of arrays."""
     meta = pf.metadata
     if group >= meta.num_row_groups or meta.row_group(group).num_rows != expect_rows:
         raise _shard_problem(storage, s, f"its row groups differ from the manifest's layout (row group {group} "
                                          f"should hold {expect_rows} rows)")
     try:
-        t = pf.read_row_group(group, columns=["key"])
+        t = pf.read_row_group(group, columns=list(columns))
     except (pa.ArrowException, OSError) as e:
         raise _shard_problem(storage, s, f"row group {group} is unreadable ({e})") from None
-    return decode_keys(t.column("key"), dim)
+    if columns == ("key",):
+        return decode_keys(t.column("key"), dim)
+    return {c: decode_keys(t.column(c), dim) if c == "key" else t.column(c).to_numpy() for c in columns}

@@ -167,6 +167,151 @@ def _cmd_add(a) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="start (or --status, --stop) the index servers of a datastore on a Ray cluster",
+        description="Start one index server per index shard and replica: named, detached Ray actors that fetch their "
+                    "shard into a local cache (checksum-verified), memory-map it and hold the values (token ids) of "
+                    "their id range. Clients on the cluster find them by name (retriever.Retriever.connect, knnlm "
+                    "query --address). With --address the servers stay on the cluster after this command returns; "
+                    "without it an embedded local Ray is started and the servers live until Ctrl-C (other commands "
+                    "reach them with --address auto).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--replicas", type=int, default=1, help="servers per index shard (on different nodes if possible)")
+    p.add_argument("--rerank", action="store_true",
+                   help="also keep each range's fp16 keys locally (memory-mapped) so requests can ask for exact "
+                        "re-ranking of their candidates")
+    p.add_argument("--address", default=None, help="Ray cluster address as ray.init takes it (e.g. auto, "
+                                                    "ray://head:10001); default: an embedded local Ray")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: faiss GPU when faiss has GPU support and the cluster GPUs (k <= 2048 there)")
+    p.add_argument("--cache-dir", default=None, help="local cache of index shards and values on each node "
+                                                     "(default: $KNNLM_CACHE or ~/.cache/knnlm)")
+    p.add_argument("--threads", type=int, default=None, help="faiss threads per server (default: all cores)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", action="store_true", help="report every shard and replica's health and exit")
+    g.add_argument("--stop", action="store_true", help="remove this datastore's servers from the cluster and exit")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _print_status(rows: list[dict]) -> int:
+    print(f"{'shard':>5} {'replica':>7} {'health':<8} {'ids':>23} {'device':<6} {'rerank':<6} note")
+    bad = 0
+    for r in rows:
+        ids = f"{r['first_id']:,}..{r['first_id'] + r['num_ids'] - 1:,}" if "first_id" in r else ""
+        note = r.get("error", f"pid {r.get('pid')}, loaded in {r.get('load_seconds')}s")
+        print(f"{r['shard']:>5} {'' if r['replica'] is None else r['replica']:>7} "
+              f"{'ok' if r['healthy'] else 'DOWN':<8} {ids:>23} {r.get('device', ''):<6} {str(r.get('rerank', '')):<6} "
+              f"{note}")
+        bad += not r["healthy"]
+    return bad
+
+
+def _cmd_serve(a) -> int:
+    import time
+
+    from cluster.runtime import connect_ray, ray_session
+    from retriever.router import server_status, start_servers, stop_servers
+    if a.status or a.stop:
+        import ray
+        if not ray.is_initialized():
+            connect_ray(a.address or "auto")
+        if a.stop:
+            print(f"stopped {stop_servers(a.datastore)} index servers of {a.datastore}")
+            return 0
+        return 2 if _print_status(server_status(a.datastore)) else 0
+    with ray_session(a.address):
+        start_servers(a.datastore, replicas=a.replicas, rerank=a.rerank, device=a.device, cache_dir=a.cache_dir,
+                      threads=a.threads, detached=a.address is not None)
+        _print_status(server_status(a.datastore))
+        if a.address is not None:
+            print(f"the servers run on the cluster; `knnlm serve {a.datastore} --address {a.address} --stop` removes them")
+            return 0
+        print("serving on an embedded Ray (reach it with --address auto); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stop_servers(a.datastore)
+            print("stopped")
+            return 0
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser(
+        "query", help="search a datastore's sharded index for a batch of query vectors (.npy → .npz)",
+        description="Search float32 (n, dim) queries through the router: the global top-k of each query over every "
+                    "index shard. Writes dist (float32; squared L2 for an l2 index, as FAISS returns it, or inner "
+                    "product), ids (int64 global ids) and values (int32 token ids), each (n, k), to --out; missing "
+                    "results are id/value -1 and dist +inf (l2) or -inf (ip). Uses the running servers with "
+                    "--address, else starts embedded ones for the call.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--queries", required=True, metavar="Q.npy", help="float32 array of shape (n, dim)")
+    p.add_argument("--k", type=int, default=1024, help="neighbours per query")
+    p.add_argument("--nprobe", type=int, default=32, help="inverted lists probed per query")
+    p.add_argument("--out", required=True, metavar="R.npz")
+    p.add_argument("--rerank", action="store_true", help="re-rank each shard's candidates by exact distance")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="return results from the shards that answer, flagged partial, instead of failing")
+    p.add_argument("--batch-size", type=int, default=1024, help="queries per router call")
+    p.add_argument("--address", default=None, help="a Ray cluster with running servers of this datastore")
+    p.add_argument("--cache-dir", default=None, help="cache of the embedded servers (no --address)")
+    p.set_defaults(func=_cmd_query)
+
+
+def _cmd_query(a) -> int:
+    import numpy as np
+
+    from builder.config import ConfigError
+
+    from cluster.runtime import connect_ray, ray_session
+    from retriever.router import Retriever, start_servers, stop_servers
+    try:
+        q = np.load(a.queries, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--queries {a.queries}: cannot read a numpy array ({e})") from None
+    if a.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer (got {a.batch_size})")
+    embedded = a.address is None
+    with ray_session(None) if embedded else _connected(a.address, connect_ray):
+        if embedded:
+            start_servers(a.datastore, rerank=a.rerank, cache_dir=a.cache_dir, detached=False)
+        try:
+            r = Retriever.connect(a.datastore)
+            parts = [r.search(q[i:i + a.batch_size], a.k, a.nprobe, rerank=a.rerank, allow_partial=a.allow_partial)
+                     for i in range(0, max(len(q), 1), a.batch_size)]
+        finally:
+            if embedded:
+                stop_servers(a.datastore)
+    missing = sorted({s for p in parts for s in p.missing_shards})
+    np.savez(a.out, dist=np.concatenate([p.dist for p in parts]), ids=np.concatenate([p.ids for p in parts]),
+             values=np.concatenate([p.values for p in parts]), partial=bool(missing),
+             missing_shards=np.array(missing, np.int64))
+    print(f"{len(q):,} queries, k={a.k}, nprobe={a.nprobe}: wrote {a.out}" +
+          (f" (PARTIAL: shards {missing} did not answer)" if missing else ""))
+    return 0
+
+
+class _connected:
+    """Connect to a cluster for the duration of a command (without shutting it down)."""
+
+    def __init__(self, address, connect):
+        self.address, self.connect = address, connect
+
+    def __enter__(self):
+        import ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            self.connect(self.address)
+
+    def __exit__(self, *exc):
+        import ray
+        if self.started:
+            ray.shutdown()
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a datastore's manifest summary (or the whole manifest with --json)")
     p.add_argument("datastore", metavar="DATASTORE_URI")
@@ -238,6 +383,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_train_index(sub)
     _add_add(sub)
+    _add_serve(sub)
+    _add_query(sub)
     _add_info(sub)
     _add_verify(sub)
     return p
@@ -258,10 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     from builder.train import IndexBuildError
     from cluster.runtime import ClusterError
     from cluster.storage import StorageError
+    from retriever.router import RetrieverError
+    from retriever.server import RequestError, ServerError
     try:
         return args.func(args)
     except (BuildError, ConfigError, ManifestError, StorageError, IndexBuildError, ShardError, LeaseError,
-            ClusterError) as e:
+            ClusterError, RetrieverError, RequestError, ServerError) as e:
         if args.verbose:
             raise
         print(f"knnlm {args.command}: error: {e}", file=sys.stderr)

@@ -21,26 +21,36 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
 
     started = False
     if not ray.is_initialized():
-        kw: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
         if address:
-            import builder
-            import cluster
-            import retriever
-            # ship this package's code to the cluster's workers (they need torch etc. installed)
-            kw["runtime_env"] = {"py_modules": [builder, cluster, retriever]}
-            try:
-                ray.init(address=address, **kw)
-            except Exception as e:
-                raise ClusterError(f"--address {address}: cannot connect to the Ray cluster: {e}") from None
+            connect_ray(address)
         else:
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-            ray.init(num_cpus=num_cpus, **kw)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         started = True
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+def connect_ray(address: str) -> None:
+    """Connect to the Ray cluster at `address` (as ray.init takes it), shipping this package's code
+    to its workers (they need torch, faiss etc. installed). Errors say what to fix."""
+    import ray
+
+    import builder
+    import cluster
+    import retriever
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"py_modules": [builder, cluster, retriever]})
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "version" in str(e).lower() and ("mismatch" in str(e).lower() or "differ" in str(e).lower()):
+            raise ClusterError(f"--address {address}: the cluster runs another Ray version than this client "
+                               f"(ray {ray.__version__}); install the cluster's version here: {msg}") from None
+        raise ClusterError(f"--address {address}: cannot connect to the Ray cluster: {msg}") from None
 
 
 def cluster_resources() -> tuple[int, int]:

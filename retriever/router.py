@@ -1,0 +1,316 @@
+"""Sharded index servers on Ray, and the client-side router that fans out and merges top-k.
+
+Servers are named, detached Ray actors in the namespace "knnlm", one per index shard and
+replica: `knnlm-<datastore key>-s<shard>-r<replica>`, where the datastore key is a hash of the
+datastore's URI. Anything on the same cluster finds them by name: `Retriever.connect(uri)`.
+
+The router lives in the client (no extra hop): each batch is put in the object store once
+(`ray.put`, read zero-copy by servers on the same node) and sent to one replica of every shard at
+once; a replica that fails is replaced by another replica of its shard, and one that is slow
+(`hedge_after` seconds) gets a second request on another replica, the first answer winning,
+all within `deadline` seconds. A shard with no live replica fails the call with a clear error,
+or, only when the caller allows partial results, is left out and named in the result.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retriever.merge import merge_topk
+from retriever.server import IndexServerImpl, RequestError, ServerError, check_request
+
+log = logging.getLogger(__name__)
+NAMESPACE = "knnlm"
+# handles of the non-detached servers this process started: Ray removes an actor, named or not,
+# once no handle to it is left, so they are kept here until stop_servers
+_KEEP: dict[str, dict[tuple[int, int], object]] = {}
+
+
+class RetrieverError(RuntimeError):
+    """The servers of a datastore cannot answer (none running, a shard without live replica, versions)."""
+
+
+def datastore_key(uri: str) -> str:
+    from cluster.storage import normalize_uri
+    return hashlib.sha1(normalize_uri(uri).encode()).hexdigest()[:16]
+
+
+def actor_name(key: str, shard: int, replica: int) -> str:
+    return f"knnlm-{key}-s{shard:05d}-r{replica:03d}"
+
+
+def _parse(name: str) -> tuple[int, int]:
+    _, _, s, r = name.rsplit("-", 3)
+    return int(s[1:]), int(r[1:])
+
+
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e
+
+
+def find_servers(uri: str) -> dict[int, dict[int, object]]:
+    """{shard: {replica: actor handle}} of the servers of `uri` running on the connected cluster."""
+    import ray
+    from ray.util import list_named_actors
+    prefix = f"knnlm-{datastore_key(uri)}-"
+    out: dict[int, dict[int, object]] = {}
+    for a in list_named_actors(all_namespaces=True):
+        if a["namespace"] == NAMESPACE and a["name"].startswith(prefix):
+            shard, replica = _parse(a["name"])
+            try:
+                out.setdefault(shard, {})[replica] = ray.get_actor(a["name"], namespace=NAMESPACE)
+            except ValueError:  # removed meanwhile
+                continue
+    return out
+
+
+def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str = "auto",
+                  cache_dir: str | None = None, threads: int | None = None, detached: bool = True,
+                  timeout: float = 1800.0) -> dict[int, dict[int, object]]:
+    """Start the missing servers of every index shard × replica and wait until they answer.
+
+    Replicas of a shard are spread over nodes; with faiss GPU support and GPUs in the cluster each
+    server takes one GPU. Servers already running are kept. A server that cannot load its shard
+    fails the call with its reason, and the servers this call started are removed."""
+    import ray
+
+    from builder.index import faiss_gpus
+    from builder.manifest import load_manifest
+    from cluster.runtime import cluster_resources
+    from cluster.storage import Storage
+    if replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer (got {replicas})")
+    st = Storage.from_uri(uri)
+    m = load_manifest(st)
+    if not m.index_shards:
+        raise ServerError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+    _, gpus = cluster_resources()
+    use_gpu = device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
+    key = datastore_key(st.uri)
+    running = find_servers(st.uri)
+    cls = ray.remote(IndexServerImpl)
+    started = {}
+    for shard in range(len(m.index_shards)):
+        for r in range(replicas):
+            if r in running.get(shard, {}):
+                continue
+            opts = dict(name=actor_name(key, shard, r), namespace=NAMESPACE, max_restarts=-1, max_task_retries=0,
+                        max_concurrency=8, num_cpus=0, num_gpus=1 if use_gpu else 0, scheduling_strategy="SPREAD")
+            if detached:
+                opts["lifetime"] = "detached"
+            started[(shard, r)] = cls.options(**opts).remote(st.uri, shard, r, cache_dir, rerank,
+                                                             "cuda" if use_gpu else "cpu", threads)
+    pings = {h.ping.remote(): sr for sr, h in started.items()}
+    try:
+        ready, not_ready = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
+        if not_ready:
+            raise RetrieverError(f"{len(not_ready)} index servers did not start within {timeout:.0f}s")
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                shard, r = pings[ref]
+                raise ServerError(f"index server for shard {shard} (replica {r}) of {st.uri} failed to start: "
+                                  f"{_cause(e)}") from None
+    except BaseException:
+        for h in started.values():
+            ray.kill(h, no_restart=True)
+        raise
+    if not detached:
+        _KEEP.setdefault(key, {}).update(started)
+    log.info("started %d index servers for %s (%d shards x %d replicas; %d were running)", len(started), st.uri,
+             len(m.index_shards), replicas, sum(len(v) for v in running.values()))
+    return find_servers(st.uri)
+
+
+def stop_servers(uri: str) -> int:
+    """Remove every server of `uri` from the cluster; returns how many there were."""
+    import ray
+    n = 0
+    for reps in find_servers(uri).values():
+        for h in reps.values():
+            ray.kill(h, no_restart=True)
+            n += 1
+    _KEEP.pop(datastore_key(uri), None)
+    return n
+
+
+def server_status(uri: str, timeout: float = 10.0) -> list[dict]:
+    """One row per shard × replica found (and per shard with none): health, device, load time."""
+    import ray
+
+    from builder.manifest import load_manifest
+    from cluster.storage import Storage
+    n = len(load_manifest(Storage.from_uri(uri)).index_shards or [])
+    found = find_servers(uri)
+    refs = {h.info.remote(): (s, r) for s, reps in found.items() for r, h in reps.items()}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    rows = []
+    for ref, (s, r) in refs.items():
+        row = {"shard": s, "replica": r, "healthy": False}
+        if ref in ready:
+            try:
+                row.update(ray.get(ref), healthy=True)
+            except Exception as e:
+                row["error"] = f"{type(_cause(e)).__name__}: {_cause(e)}"
+        else:
+            row["error"] = f"no answer within {timeout:.0f}s"
+        rows.append(row)
+    for s in range(n):
+        if s not in found:
+            rows.append({"shard": s, "replica": None, "healthy": False, "error": "no server running"})
+    return sorted(rows, key=lambda x: (x["shard"], x["replica"] if x["replica"] is not None else -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the client
+
+
+@dataclass
+class SearchResult:
+    """dist float32 (n, k), ids int64 (n, k), values int32 (n, k); unpacks as (dist, ids, values)."""
+    dist: np.ndarray
+    ids: np.ndarray
+    values: np.ndarray
+    partial: bool = False
+    missing_shards: list[int] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.dist, self.ids, self.values))
+
+
+class Retriever:
+    """Search a datastore's sharded index through its running servers.
+
+        r = Retriever.connect("s3://bucket/wiki")          # on the cluster Ray is connected to
+        dist, ids, values = r.search(queries, k=1024, nprobe=32)
+    """
+
+    def __init__(self, uri: str, servers: dict[int, dict[int, object]], num_shards: int, metric: str, dim: int,
+                 max_k: int | None, hedge_after: float = 5.0, deadline: float = 120.0):
+        self.uri, self.servers, self.num_shards = uri, servers, num_shards
+        self.metric, self.dim, self.max_k = metric, dim, max_k
+        self.hedge_after, self.deadline = hedge_after, deadline
+        self._next = {s: 0 for s in range(num_shards)}          # round robin over replicas
+        self._dead: set[tuple[int, int]] = set()                 # replicas seen dead (skipped first)
+
+    @classmethod
+    def connect(cls, datastore_uri: str, address: str | None = None, hedge_after: float = 5.0,
+                deadline: float = 120.0, timeout: float = 60.0) -> "Retriever":
+        """Find the servers of `datastore_uri` on the Ray cluster this process is connected to (or
+        connect to `address`, as ray.init takes it; "auto" when neither) and check them."""
+        import ray
+
+        from builder.manifest import load_manifest
+        from cluster.runtime import connect_ray
+        from cluster.storage import Storage
+        if not ray.is_initialized():
+            connect_ray(address or "auto")
+        st = Storage.from_uri(datastore_uri)
+        m = load_manifest(st)
+        if not m.index_shards:
+            raise RetrieverError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+        servers = find_servers(st.uri)
+        missing = [s for s in range(len(m.index_shards)) if not servers.get(s)]
+        if len(missing) == len(m.index_shards):
+            raise RetrieverError(f"no index servers of {st.uri} run on this Ray cluster: start them with "
+                                 f"`knnlm serve {st.uri} --address <cluster>`")
+        infos = []
+        for s, reps in servers.items():
+            h = next(iter(reps.values()))
+            try:
+                infos.append(ray.get(h.info.remote(), timeout=timeout))
+            except Exception as e:
+                log.warning("index server of shard %d does not answer (%s)", s, type(_cause(e)).__name__)
+        for info in infos:
+            if info["ray_version"] != ray.__version__:
+                raise RetrieverError(f"this client runs Ray {ray.__version__}, but the index servers of {st.uri} run "
+                                     f"Ray {info['ray_version']}: install ray=={info['ray_version']} here")
+            s = m.index_shards[info["shard"]]
+            if info["checksum"] != s["checksum"] or info["first_id"] != s["first_id"]:
+                raise RetrieverError(f"the running server of shard {info['shard']} serves another version of "
+                                     f"{st.uri} (rebuilt since it started): restart them with `knnlm serve --stop` "
+                                     "then `knnlm serve`")
+        max_k = min([i["max_k"] for i in infos if i.get("max_k")] or [None]) if infos else None
+        if missing:
+            log.warning("index shards %s of %s have no running server", missing, st.uri)
+        return cls(st.uri, servers, len(m.index_shards), m.index["metric"], m.dim, max_k, hedge_after, deadline)
+
+    def search(self, queries: np.ndarray, k: int = 1024, nprobe: int = 32, rerank: bool = False,
+               allow_partial: bool = False) -> SearchResult:
+        """Global top-k of each query over every shard: distances (squared L2 or inner product, as
+        FAISS returns them), global ids and values; see SearchResult."""
+        import ray
+        import ray.exceptions as rex
+        q = check_request(queries, self.dim, k, nprobe, self.max_k)
+        q_ref = ray.put(q)
+        t0 = time.monotonic()
+        results: dict[int, tuple] = {}
+        tried: dict[int, set[int]] = {s: set() for s in range(self.num_shards)}
+        sent_at: dict[int, float] = {}
+        pending: dict = {}
+
+        def send(shard: int) -> bool:
+            reps = self.servers.get(shard, {})
+            order = sorted(reps, key=lambda r: ((shard, r) in self._dead, (r - self._next[shard]) % max(len(reps), 1)))
+            for r in order:
+                if r not in tried[shard]:
+                    tried[shard].add(r)
+                    pending[reps[r].search.remote(q_ref, int(k), int(nprobe), bool(rerank))] = (shard, r)
+                    sent_at[shard] = time.monotonic()
+                    return True
+            return False
+
+        failed: dict[int, str] = {}
+        for s in range(self.num_shards):
+            self._next[s] = (self._next[s] + 1) % max(len(self.servers.get(s, {})), 1)
+            if not send(s):
+                failed[s] = "no server running"
+        try:
+            while pending and len(results) + len(failed) < self.num_shards:
+                left = self.deadline - (time.monotonic() - t0)
+                if left <= 0:
+                    break
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, self.hedge_after / 2))
+                for ref in ready:
+                    shard, r = pending.pop(ref)
+                    if shard in results:
+                        continue
+                    try:
+                        results[shard] = ray.get(ref)
+                        self._dead.discard((shard, r))
+                    except rex.RayTaskError as e:
+                        if isinstance(_cause(e), RequestError):
+                            raise _cause(e) from None
+                        failed_reason = f"{type(_cause(e)).__name__}: {_cause(e)}"
+                        if not send(shard) and not any(v[0] == shard for v in pending.values()):
+                            failed[shard] = failed_reason
+                    except (rex.RayActorError, rex.ActorUnavailableError, rex.ObjectLostError) as e:
+                        self._dead.add((shard, r))
+                        log.warning("replica %d of index shard %d failed (%s); trying another", r, shard,
+                                    type(e).__name__)
+                        if not send(shard) and not any(v[0] == shard for v in pending.values()):
+                            failed[shard] = f"every replica failed (last: {type(e).__name__})"
+                now = time.monotonic()
+                for shard in range(self.num_shards):    # hedge slow shards on another replica
+                    if shard not in results and shard not in failed and now - sent_at.get(shard, now) > self.hedge_after:
+                        if send(shard):
+                            log.info("index shard %d is slow (%.1fs); asked another replica", shard, now - sent_at[shard])
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+        missing = sorted(s for s in range(self.num_shards) if s not in results)
+        for s in missing:
+            failed.setdefault(s, f"no answer within the {self.deadline:.0f}s deadline")
+        if missing and (not allow_partial or len(missing) == self.num_shards):
+            raise RetrieverError(f"index shards {missing} of {self.uri} have no live replica (" +
+                                 "; ".join(f"shard {s}: {failed[s]}" for s in missing[:5]) +
+                                 "): check `knnlm serve --status`, restart them with `knnlm serve`, or pass "
+                                 "allow_partial=True to search the other shards")
+        got = [results[s] for s in sorted(results)]
+        d, i, v = merge_topk([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], k, self.metric)
+        return SearchResult(d, i, v, partial=bool(missing), missing_shards=missing)

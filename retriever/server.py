@@ -1,0 +1,218 @@
+"""One index shard served: the core (`ShardServer`, no Ray) and its Ray actor (`IndexServer`).
+
+A server loads index shard i of a datastore (manifest `index_shards[i]`):
+
+- the FAISS file, fetched from object storage into a local cache (by checksum: verified once
+  on download, reused by later servers on the node) and opened memory-mapped (IO_FLAG_MMAP),
+  or copied to the GPU when faiss has GPU support;
+- the values (token ids) of its id range, so that a search returns values, not just ids:
+  read from the key shards once, cached as an .npy and memory-mapped;
+- with `rerank`, the fp16 keys of its id range likewise, to re-rank the k candidates of a
+  request by their exact distances.
+
+Distances are what FAISS returns for the metric: squared L2 for `l2` (the kNN-LM paper's
+convention), inner product for `ip`. Missing results (fewer than k) have id and value -1 and
+distance +inf (l2) / -inf (ip).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import numpy as np
+
+from retriever.merge import normalize_missing, worst
+
+log = logging.getLogger(__name__)
+GPU_MAX_K = 2048          # faiss GPU's limit on k (and nprobe)
+CPU_MAX_K = 65536         # far beyond kNN-LM's k=1024; results are n×k×12 bytes per shard
+MAX_RESULT_BYTES = 1 << 30  # one request's result per shard: a larger batch must be split
+RERANK_CHUNK_BYTES = 256 << 20
+
+
+class RequestError(ValueError):
+    """A bad search request (shape, dtype, NaN/inf, k, nprobe): nothing was searched."""
+
+
+class ServerError(RuntimeError):
+    """A server cannot serve its shard (missing or corrupted files, a datastore without index)."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("KNNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "knnlm")
+
+
+def check_request(q, dim: int, k: int, nprobe: int, max_k: int | None = None) -> np.ndarray:
+    """The queries as a C-contiguous float32 (n, dim) array, or a RequestError saying what is wrong."""
+    if not isinstance(q, np.ndarray):
+        raise RequestError(f"queries must be a numpy array of shape (n, {dim}), got {type(q).__name__}")
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise RequestError(f"queries must have shape (n, {dim}) (the datastore's key dim), got {q.shape}")
+    if q.shape[0] == 0:
+        raise RequestError("empty batch: queries has 0 rows")
+    if not np.issubdtype(q.dtype, np.floating):
+        raise RequestError(f"queries must be floating point (float32), got {q.dtype}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    bad = ~np.isfinite(q).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise RequestError(f"queries hold NaN or inf in {len(rows)} rows (first: {rows[:5].tolist()})")
+    max_k = max_k or CPU_MAX_K
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1 or k > max_k:
+        raise RequestError(f"k must be an integer from 1 to {max_k:,} (the servers' limit), got {k!r}")
+    if q.shape[0] * k * 12 > MAX_RESULT_BYTES:
+        raise RequestError(f"{q.shape[0]:,} queries x k={k:,} would make a {q.shape[0] * k * 12 / 2**30:.1f} GiB result "
+                           f"per shard (limit {MAX_RESULT_BYTES / 2**30:.0f} GiB): search in smaller batches")
+    if not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+        raise RequestError(f"nprobe must be a positive integer, got {nprobe!r}")
+    return q
+
+
+def fetch_cached(storage, rel: str, checksum: str, cache_dir: str) -> str:
+    """A stored file in the local cache, named by its checksum; downloaded and verified if absent."""
+    from builder.index import file_sha256
+    os.makedirs(cache_dir, exist_ok=True)
+    digest = checksum.split(":", 1)[1]
+    path = os.path.join(cache_dir, f"{digest[:32]}-{os.path.basename(rel)}")
+    if os.path.exists(path + ".ok"):
+        return path
+    tmp = f"{path}.part-{os.getpid()}"
+    t0 = time.perf_counter()
+    storage.download_file(rel, tmp)
+    if file_sha256(tmp) != checksum:
+        os.remove(tmp)
+        raise ServerError(f"{storage.url(rel)} does not match its manifest checksum (corrupted or replaced): "
+                          f"run `knnlm verify {storage.uri}`")
+    os.replace(tmp, path)
+    open(path + ".ok", "w").close()
+    log.info("fetched %s (%.1f MB) in %.1fs", storage.url(rel), os.path.getsize(path) / 1e6, time.perf_counter() - t0)
+    return path
+
+
+class ShardServer:
+    """Index shard `shard` of the datastore at `root_uri`, ready to search."""
+
+    def __init__(self, root_uri: str, shard: int, cache_dir: str | None = None, rerank: bool = False,
+                 device: str = "auto", threads: int | None = None):
+        import faiss
+
+        from builder.index import faiss_gpus
+        from builder.manifest import load_manifest
+        from cluster.storage import Storage
+
+        self.storage = Storage.from_uri(root_uri)
+        m = load_manifest(self.storage)
+        if not m.index or not m.index_shards:
+            raise ServerError(f"{self.storage.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+        if not 0 <= shard < len(m.index_shards):
+            raise ServerError(f"{self.storage.uri} has {len(m.index_shards)} index shards, not {shard + 1}")
+        s = m.index_shards[shard]
+        self.shard, self.first_id, self.num_ids = shard, int(s["first_id"]), int(s["num_ids"])
+        self.metric, self.dim, self.checksum = m.index["metric"], m.dim, s["checksum"]
+        self.rerank_enabled = rerank
+        uri_key = hashlib.sha1(self.storage.uri.encode()).hexdigest()[:16]
+        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), uri_key)
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        t0 = time.perf_counter()
+        path = fetch_cached(self.storage, s["path"], s["checksum"], self.cache_dir)
+        self.index = faiss.read_index(path, faiss.IO_FLAG_MMAP)        # inverted lists stay on disk
+        if self.index.d != self.dim or self.index.ntotal != self.num_ids:
+            raise ServerError(f"{self.storage.url(s['path'])}: {self.index.ntotal} vectors of dim {self.index.d}, the "
+                              f"manifest says {self.num_ids} of dim {self.dim}")
+        self.device = "cpu"
+        if device in ("auto", "cuda") and faiss_gpus() > 0:
+            self.gpu_res = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self.gpu_res, 0, self.index)
+            self.device = "cuda"
+        elif device == "cuda":
+            raise ServerError("--device cuda: this faiss has no GPU support (install the `gpu` extra)")
+        self.max_k = GPU_MAX_K if self.device == "cuda" else CPU_MAX_K
+        self.values = self._column_cache(m, "value")                 # (num_ids,) int32, memory-mapped
+        self.keys = self._column_cache(m, "key") if rerank else None  # (num_ids, dim) float16, memory-mapped
+        self.load_seconds = time.perf_counter() - t0
+        log.info("index shard %d (ids %d..%d) ready on %s in %.1fs", shard, self.first_id,
+                 self.first_id + self.num_ids - 1, self.device, self.load_seconds)
+
+    def _column_cache(self, m, column: str) -> np.ndarray:
+        """The shard range's values (or keys) as a memory-mapped .npy, built once from the key shards."""
+        from builder.add import iter_range
+        path = os.path.join(self.cache_dir, f"{self.checksum.split(':')[1][:32]}-{column}.npy")
+        if not os.path.exists(path + ".ok"):
+            shape = (self.num_ids, self.dim) if column == "key" else (self.num_ids,)
+            dtype = np.float16 if column == "key" else np.int32
+            tmp = f"{path}.part-{os.getpid()}.npy"
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            for ids, cols in iter_range(self.storage, m, self.first_id, self.num_ids, (column,)):
+                out[ids - self.first_id] = cols if column == "key" else cols[column]
+            out.flush()
+            del out
+            os.replace(tmp, path)
+            open(path + ".ok", "w").close()
+        return np.load(path, mmap_mode="r")
+
+    def info(self) -> dict:
+        import ray
+        return {"shard": self.shard, "first_id": self.first_id, "num_ids": self.num_ids, "metric": self.metric,
+                "dim": self.dim, "rerank": self.rerank_enabled, "device": self.device, "checksum": self.checksum,
+                "ray_version": ray.__version__, "pid": os.getpid(), "load_seconds": round(self.load_seconds, 2),
+                "max_k": self.max_k}
+
+    def search(self, q: np.ndarray, k: int, nprobe: int, rerank: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dist (n, k) float32, global ids (n, k) int64, values (n, k) int32), best first."""
+        import faiss
+        q = check_request(q, self.dim, k, nprobe, self.max_k)
+        if rerank and not self.rerank_enabled:
+            raise RequestError(f"re-ranking was asked of index shard {self.shard}, whose server was started without "
+                               "it: start the servers with `knnlm serve --rerank`")
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        d, ids = self.index.search(q, int(k), params=params)                # (n, k) float32, int64 global ids
+        d = normalize_missing(d, ids, self.metric)
+        local = ids - self.first_id
+        ok = ids >= 0
+        values = np.full(ids.shape, -1, np.int32)
+        values[ok] = self.values[local[ok]]
+        if rerank:
+            d, ids, values = self._rerank(q, d, ids, values)
+        return d, ids, values
+
+    def _rerank(self, q, d, ids, values):
+        """Exact distances of each row's candidates, re-sorted (rows in chunks: memory stays bounded)."""
+        n, k = ids.shape
+        exact = np.full((n, k), worst(self.metric), np.float32)
+        rows = max(1, RERANK_CHUNK_BYTES // max(1, k * self.dim * 4))
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            sel = ids[a:b] >= 0
+            local = np.where(sel, ids[a:b] - self.first_id, 0)
+            cand = np.asarray(self.keys[local.ravel()], dtype=np.float32).reshape(b - a, k, self.dim)  # (r, k, d)
+            qq = q[a:b, None, :]                                                                       # (r, 1, d)
+            if self.metric == "l2":
+                e = ((cand - qq) ** 2).sum(-1)
+            else:
+                e = (cand * qq).sum(-1)
+            exact[a:b][sel] = e[sel]
+        order = np.argsort(exact if self.metric == "l2" else -exact, axis=1, kind="stable")
+        return (np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1),
+                np.take_along_axis(values, order, 1))
+
+
+class IndexServerImpl:
+    """Body of the `IndexServer` Ray actor: a thin wrapper around ShardServer."""
+
+    def __init__(self, root_uri: str, shard: int, replica: int, cache_dir: str | None, rerank: bool, device: str,
+                 threads: int | None):
+        self.replica = replica
+        self.core = ShardServer(root_uri, shard, cache_dir, rerank, device, threads)
+
+    def ping(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return self.core.info() | {"replica": self.replica}
+
+    def search(self, q: np.ndarray, k: int, nprobe: int, rerank: bool = False):
+        return self.core.search(q, k, nprobe, rerank)

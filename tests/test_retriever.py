@@ -1,0 +1,331 @@
+"""Sharded index servers, the router and the Retriever client, on an embedded Ray."""
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from builder.add import add_stage, iter_range
+from builder.config import AddConfig, TrainConfig
+from builder.index import add_batches
+from builder.manifest import load_manifest
+from builder.synthetic import write_synthetic_datastore
+from builder.train import load_trained_index, train_stage
+from cluster.storage import Storage
+from retriever import (RequestError, Retriever, RetrieverError, find_servers, merge_topk, server_status,
+                       start_servers, stop_servers)
+
+DIM, N = 32, 12000
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rsynth") / "ds"
+    write_synthetic_datastore(str(root), N, DIM, shard_rows=1900, row_group_rows=500, seed=7)
+    return str(root)
+
+
+def columns(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    st = Storage.from_uri(uri)
+    m = load_manifest(st)
+    parts = list(iter_range(st, m, 0, m.num_keys, ("key", "value")))
+    return (np.concatenate([p[1]["key"] for p in parts]).astype(np.float32),
+            np.concatenate([p[1]["value"] for p in parts]))
+
+
+def indexed(synth, dst, factory: str, metric: str, shards: int) -> str:
+    uri = str(dst)
+    shutil.copytree(synth, uri)
+    train_stage(TrainConfig(datastore=uri, index_factory=factory, metric=metric, train_size=4000, trainer="faiss"))
+    add_stage(AddConfig(datastore=uri, index_shards=shards, encoder="faiss"))
+    return uri
+
+
+def monolithic(uri: str):
+    st = Storage.from_uri(uri)
+    m = load_manifest(st)
+    keys, _ = columns(uri)
+    return add_batches(load_trained_index(st, m), [(np.arange(m.num_keys), keys)])
+
+
+def assert_same_topk(got, mono, q, k, nprobe, metric):
+    """Distances exactly equal; ids equal up to ties at equal distance (checked against a deeper
+    monolithic search at the k-th distance)."""
+    import faiss
+    p = faiss.SearchParametersIVF(nprobe=nprobe)
+    d_ref, i_ref = mono.search(q, k, params=p)
+    d_deep, i_deep = mono.search(q, k + 256, params=p)
+    fill = np.inf if metric == "l2" else -np.inf
+    d_ref = np.where(i_ref < 0, fill, d_ref).astype(np.float32)
+    np.testing.assert_array_equal(got.dist, d_ref)
+    for row in range(len(q)):
+        cut = d_ref[row][-1]                        # the k-th distance: ties there may keep any of their ids
+        inner = got.dist[row] != cut
+        assert np.array_equal(inner, d_ref[row] != cut), row
+        g = np.lexsort((got.ids[row][inner], got.dist[row][inner]))
+        w = np.lexsort((i_ref[row][inner], d_ref[row][inner]))
+        np.testing.assert_array_equal(got.ids[row][inner][g], i_ref[row][inner][w])
+        at_cut = got.ids[row][~inner]
+        if np.isfinite(cut):
+            assert set(at_cut) <= set(i_deep[row][d_deep[row] == cut]), row
+        else:
+            assert np.all(at_cut == -1), row
+
+
+def test_merge_topk_metric_aware_and_padding():
+    d1, i1 = np.array([[1.0, 4.0, 3.4028235e38]], np.float32), np.array([[10, 11, -1]])
+    d2, i2 = np.array([[2.0, 3.0]], np.float32), np.array([[20, 21]])
+    v1, v2 = np.array([[5, 6, -1]], np.int32), np.array([[7, 8]], np.int32)
+    d, i, v = merge_topk([d1, d2], [i1, i2], [v1, v2], 4, "l2")
+    assert d.tolist() == [[1.0, 2.0, 3.0, 4.0]] and i.tolist() == [[10, 20, 21, 11]] and v.tolist() == [[5, 7, 8, 6]]
+    d, i, v = merge_topk([d1[:, :2]], [i1[:, :2]], [v1[:, :2]], 4, "l2")      # fewer than k: padded
+    assert i.tolist() == [[10, 11, -1, -1]] and v.tolist() == [[5, 6, -1, -1]] and np.isinf(d[0, 2:]).all()
+    d, i, v = merge_topk([np.array([[9.0, 1.0]], np.float32), np.array([[5.0, -3.4028235e38]], np.float32)],
+                         [np.array([[1, 2]]), np.array([[3, -1]])], [np.zeros((1, 2), np.int32)] * 2, 3, "ip")
+    assert d.tolist() == [[9.0, 5.0, 1.0]] and i.tolist() == [[1, 3, 2]]
+    d, i, _ = merge_topk([np.array([[9.0]], np.float32)], [np.array([[1]])], [np.zeros((1, 1), np.int32)], 2, "ip")
+    assert i.tolist() == [[1, -1]] and d[0, 1] == -np.inf
+
+
+@pytest.mark.parametrize("factory,metric,shards", [
+    ("IVF16,Flat", "l2", 1), ("IVF16,Flat", "l2", 2), ("IVF16,Flat", "l2", 3),
+    ("IVF16,PQ4", "l2", 1), ("IVF16,PQ4", "l2", 2), ("IVF16,PQ4", "l2", 3),
+    ("IVF16,Flat", "ip", 3), ("IVF16,PQ4", "ip", 2)])
+def test_sharded_equals_monolithic(synth, tmp_path, factory, metric, shards, ray_cluster):
+    uri = indexed(synth, tmp_path / "ds", factory, metric, shards)
+    start_servers(uri, cache_dir=str(tmp_path / "cache"), detached=False)
+    try:
+        r = Retriever.connect(uri)
+        keys, values = columns(uri)
+        rng = np.random.default_rng(1)
+        q = keys[rng.choice(N, 40, replace=False)] + rng.normal(0, 0.05, (40, DIM)).astype(np.float32)
+        mono = monolithic(uri)
+        for k, nprobe in ((10, 1), (100, 4), (20000, 16)):    # k beyond the datastore: padded
+            got = r.search(q, k=k, nprobe=nprobe)
+            assert got.dist.dtype == np.float32 and got.ids.dtype == np.int64 and got.values.dtype == np.int32
+            assert got.dist.shape == got.ids.shape == got.values.shape == (40, k) and not got.partial
+            assert_same_topk(got, mono, q, k, nprobe, metric)
+            ok = got.ids >= 0
+            np.testing.assert_array_equal(got.values[ok], values[got.ids[ok]])
+            assert np.all(got.values[~ok] == -1)
+        dist, ids, vals = r.search(q[:3], k=5, nprobe=2)                # unpacks as a tuple
+        assert ids.shape == (3, 5)
+    finally:
+        stop_servers(uri)
+    assert not find_servers(uri)
+
+
+@pytest.fixture(scope="module")
+def served(synth, tmp_path_factory, ray_cluster):
+    """IVF-PQ over 3 index shards, 2 replicas each, with re-ranking."""
+    root = tmp_path_factory.mktemp("served")
+    uri = indexed(synth, root / "ds", "IVF16,PQ4", "l2", 3)
+    start_servers(uri, replicas=2, rerank=True, cache_dir=str(root / "cache"), detached=False)
+    yield uri, str(root / "cache")
+    stop_servers(uri)
+
+
+def test_rerank_uses_exact_distances(served):
+    uri, _ = served
+    keys, _ = columns(uri)
+    r = Retriever.connect(uri)
+    q = keys[::400] + 0.03
+    plain = r.search(q, k=50, nprobe=4)
+    exact = r.search(q, k=50, nprobe=4, rerank=True)
+    brute = ((keys[exact.ids] - q[:, None, :]) ** 2).sum(-1)          # brute force on the candidates
+    np.testing.assert_allclose(exact.dist, brute, rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(exact.dist, axis=1) >= 0)
+    assert not np.allclose(plain.dist, exact.dist)                   # PQ distances were approximate
+    # re-ranked: the best k by exact distance among the same candidates (each shard's top-k), so
+    # never worse, row by row, than the PQ top-k measured exactly
+    plain_exact = ((keys[plain.ids] - q[:, None, :]) ** 2).sum(-1)
+    assert np.all(exact.dist.sum(1) <= plain_exact.sum(1) + 1e-3)
+    assert np.any(exact.dist.sum(1) < plain_exact.sum(1) - 1e-3)
+
+
+def test_status_and_bad_requests_do_not_hurt_servers(served):
+    import ray
+    uri, _ = served
+    rows = server_status(uri)
+    assert [(x["shard"], x["replica"], x["healthy"]) for x in rows] == [(s, rep, True) for s in range(3) for rep in range(2)]
+    r = Retriever.connect(uri)
+    q = np.zeros((2, DIM), np.float32)
+    for bad, match in [(np.zeros((2, DIM + 1), np.float32), r"shape \(n, 32\)"),
+                       (np.zeros((0, DIM), np.float32), "empty batch"),
+                       (np.array([[np.nan] * DIM], np.float32), "NaN or inf"),
+                       (np.array([[np.inf] * DIM], np.float32), "NaN or inf"),
+                       (q.astype(np.int64), "floating point")]:
+        with pytest.raises(RequestError, match=match):
+            r.search(bad, k=5, nprobe=2)
+    with pytest.raises(RequestError, match="k must be an integer from 1 to 65,536"):
+        r.search(q, k=10**7, nprobe=2)
+    with pytest.raises(RequestError, match="nprobe"):
+        r.search(q, k=5, nprobe=0)
+    # sent straight to a server, bypassing the client's checks: a clear error, and it keeps serving
+    h = find_servers(uri)[0][0]
+    with pytest.raises(ray.exceptions.RayTaskError, match="NaN or inf"):
+        ray.get(h.search.remote(np.full((1, DIM), np.nan, np.float32), 5, 2))
+    assert ray.get(h.ping.remote())
+    assert r.search(q, k=5, nprobe=2).ids.shape == (2, 5)
+
+
+def test_rerank_on_a_server_without_it_is_a_clear_error(synth, tmp_path, ray_cluster):
+    uri = indexed(synth, tmp_path / "ds", "IVF16,Flat", "l2", 1)
+    start_servers(uri, cache_dir=str(tmp_path / "cache"), detached=False)
+    try:
+        with pytest.raises(RequestError, match="started without it.*--rerank"):
+            Retriever.connect(uri).search(np.zeros((1, DIM), np.float32), k=5, nprobe=1, rerank=True)
+    finally:
+        stop_servers(uri)
+
+
+def test_killed_replicas_failover_then_clear_error_or_partial(synth, tmp_path, ray_cluster):
+    import ray
+    uri = indexed(synth, tmp_path / "ds", "IVF16,Flat", "l2", 3)
+    start_servers(uri, replicas=2, cache_dir=str(tmp_path / "cache"), detached=False)
+    try:
+        r = Retriever.connect(uri, hedge_after=1.0, deadline=30.0)
+        keys, _ = columns(uri)
+        q = keys[::300]
+        want = r.search(q, k=20, nprobe=4)
+        errors, done = [], []
+
+        def load():
+            for _ in range(60):
+                try:
+                    res = r.search(q, k=20, nprobe=4)
+                    np.testing.assert_array_equal(res.dist, want.dist)
+                    done.append(1)
+                except Exception as e:  # noqa: BLE001 - any failure fails the test below
+                    errors.append(e)
+        t = threading.Thread(target=load)
+        t.start()
+        while len(done) < 10 and t.is_alive():
+            pass
+        servers = find_servers(uri)
+        ray.kill(servers[1][0], no_restart=True)                        # mid-load
+        t.join()
+        assert not errors and len(done) == 60
+        ray.kill(servers[1][1], no_restart=True)                        # shard 1 has no replica left
+        with pytest.raises(RetrieverError, match=r"index shards \[1\].*no live replica.*allow_partial"):
+            r.search(q, k=20, nprobe=4)
+        part = r.search(q, k=20, nprobe=4, allow_partial=True)
+        assert part.partial and part.missing_shards == [1]
+        lo, hi = load_manifest(Storage.from_uri(uri)).index_shards[1]["first_id"], None
+        hi = lo + load_manifest(Storage.from_uri(uri)).index_shards[1]["num_ids"]
+        assert not np.any((part.ids >= lo) & (part.ids < hi))
+        status = {(x["shard"], x["replica"]): x["healthy"] for x in server_status(uri)}
+        assert status[(1, None)] is False and status[(0, 0)] and status[(2, 1)]
+    finally:
+        stop_servers(uri)
+
+
+def test_restarted_server_reloads_and_answers_identically(synth, tmp_path, ray_cluster):
+    import ray
+    uri = indexed(synth, tmp_path / "ds", "IVF16,PQ4", "l2", 2)
+    cache = tmp_path / "cache"
+    start_servers(uri, cache_dir=str(cache), detached=False)
+    try:
+        keys, _ = columns(uri)
+        q = keys[::500] + 0.02
+        want = Retriever.connect(uri).search(q, k=30, nprobe=4)
+        h = find_servers(uri)[0][0]
+        pid = ray.get(h.info.remote())["pid"]
+        import signal
+        import time
+        os.kill(pid, signal.SIGKILL)                                     # a crash: Ray restarts the actor
+        t0 = time.time()
+        while True:
+            try:
+                if ray.get(h.info.remote(), timeout=10)["pid"] != pid:
+                    break
+            except Exception:  # noqa: BLE001 - restarting
+                pass
+            assert time.time() - t0 < 60, "the server was not restarted"
+            time.sleep(0.2)
+        got = Retriever.connect(uri).search(q, k=30, nprobe=4)
+        np.testing.assert_array_equal(got.dist, want.dist)
+        np.testing.assert_array_equal(got.ids, want.ids)
+    finally:
+        stop_servers(uri)
+    # a new node: an empty cache, everything fetched from storage again (checksum-verified)
+    shutil.rmtree(cache)
+    start_servers(uri, cache_dir=str(cache), detached=False)
+    try:
+        got = Retriever.connect(uri).search(q, k=30, nprobe=4)
+        np.testing.assert_array_equal(got.dist, want.dist)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        assert any(f.endswith(".faiss") for f in os.listdir(next(cache.iterdir())))
+    finally:
+        stop_servers(uri)
+
+
+def test_connect_errors(synth, tmp_path, ray_cluster, monkeypatch):
+    import ray
+    uri = indexed(synth, tmp_path / "ds", "IVF16,Flat", "l2", 1)
+    with pytest.raises(RetrieverError, match="no index servers.*knnlm serve"):
+        Retriever.connect(uri)
+    bare = tmp_path / "bare"
+    shutil.copytree(synth, bare)
+    with pytest.raises(RetrieverError, match="no index shards: run `knnlm train-index` and `knnlm add`"):
+        Retriever.connect(str(bare))
+    start_servers(uri, cache_dir=str(tmp_path / "cache"), detached=False)
+    try:
+        monkeypatch.setattr(ray, "__version__", "0.0.1")
+        with pytest.raises(RetrieverError, match=r"this client runs Ray 0\.0\.1, but the index servers.*install ray=="):
+            Retriever.connect(uri)
+    finally:
+        monkeypatch.undo()
+        stop_servers(uri)
+
+
+def test_cli_serve_status_stop_and_query(synth, tmp_path, ray_cluster, capsys):
+    from cluster.cli import main
+    uri = indexed(synth, tmp_path / "ds", "IVF16,PQ4", "l2", 2)
+    keys, values = columns(uri)
+    np.save(tmp_path / "q.npy", keys[:50])
+    # embedded servers for the call (Ray already up here: reused)
+    assert main(["query", uri, "--queries", str(tmp_path / "q.npy"), "--k", "8", "--nprobe", "4",
+                 "--out", str(tmp_path / "r.npz"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = np.load(tmp_path / "r.npz")
+    assert out["dist"].shape == out["ids"].shape == out["values"].shape == (50, 8)
+    assert np.array_equal(out["values"], values[out["ids"]]) and not out["partial"]
+    assert not find_servers(uri)                                          # embedded servers are gone
+    # detached servers on "the cluster", then status, query through them, and stop
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    assert main(["serve", uri, "--address", gcs, "--replicas", "2", "--cache-dir", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    assert main(["serve", uri, "--status", "--address", gcs]) == 0
+    assert capsys.readouterr().out.count(" ok ") == 4
+    assert main(["query", uri, "--queries", str(tmp_path / "q.npy"), "--k", "8", "--nprobe", "4",
+                 "--out", str(tmp_path / "r2.npz"), "--address", gcs]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "r2.npz")["dist"], out["dist"])
+    assert main(["serve", uri, "--stop", "--address", gcs]) == 0
+    assert "stopped 4 index servers" in capsys.readouterr().out
+    assert main(["query", uri, "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "r3.npz"),
+                 "--address", gcs]) == 2
+    assert "no index servers" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_servers_fetch_shards_from_s3(synth, tmp_path, s3_bucket, ray_cluster):
+    import boto3
+    local = indexed(synth, tmp_path / "ds", "IVF16,PQ4", "l2", 2)
+    s3 = boto3.client("s3")
+    for d, _, files in os.walk(local):
+        for f in files:
+            p = os.path.join(d, f)
+            s3.upload_file(p, s3_bucket, "ds/" + os.path.relpath(p, local))
+    uri = f"s3://{s3_bucket}/ds"
+    keys, _ = columns(local)
+    q = keys[::700]
+    results = []
+    for u in (local, uri):
+        start_servers(u, cache_dir=str(tmp_path / "cache"), detached=False)
+        try:
+            results.append(Retriever.connect(u).search(q, k=16, nprobe=4))
+        finally:
+            stop_servers(u)
+    np.testing.assert_array_equal(results[0].dist, results[1].dist)
+    np.testing.assert_array_equal(results[0].ids, results[1].ids)

@@ -25,6 +25,7 @@ from retriever.server import IndexServerImpl, RequestError, ServerError, check_r
 
 log = logging.getLogger(__name__)
 NAMESPACE = "knnlm"
+INLINE_BYTES = 64 << 10   # query batches up to this size travel inline with the calls
 # handles of the non-detached servers this process started: Ray removes an actor, named or not,
 # once no handle to it is left, so they are kept here until stop_servers
 _KEEP: dict[str, dict[tuple[int, int], object]] = {}
@@ -90,6 +91,12 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
         raise ServerError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
     _, gpus = cluster_resources()
     use_gpu = device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
+    if threads is None:
+        # a node's cores shared by the shards placed on it (one replica of each shard serves a call):
+        # OpenMP teams larger than their share spin against each other
+        from cluster.runtime import max_node_cpus
+        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
+        threads = max(1, max_node_cpus() // -(-len(m.index_shards) // nodes))
     key = datastore_key(st.uri)
     running = find_servers(st.uri)
     cls = ray.remote(IndexServerImpl)
@@ -178,6 +185,7 @@ class SearchResult:
     values: np.ndarray
     partial: bool = False
     missing_shards: list[int] = field(default_factory=list)
+    error: str = ""                      # why shards are missing (with allow_partial)
 
     def __iter__(self):
         return iter((self.dist, self.ids, self.values))
@@ -243,11 +251,28 @@ class Retriever:
     def search(self, queries: np.ndarray, k: int = 1024, nprobe: int = 32, rerank: bool = False,
                allow_partial: bool = False) -> SearchResult:
         """Global top-k of each query over every shard: distances (squared L2 or inner product, as
-        FAISS returns them), global ids and values; see SearchResult."""
+        FAISS returns them), global ids and values; see SearchResult.
+
+        A shard left without a live replica makes the router look the servers up by name once
+        more (they may have been restarted by `knnlm serve`) before it gives up."""
+        res = self._search(queries, k, nprobe, rerank, allow_partial=True)
+        if res.missing_shards:
+            fresh = find_servers(self.uri)
+            if any(fresh.get(s) for s in res.missing_shards):   # servers of those shards (re)started
+                self.servers = fresh
+                self._dead.clear()
+                res = self._search(queries, k, nprobe, rerank, allow_partial=True)
+        if res.missing_shards and (not allow_partial or len(res.missing_shards) == self.num_shards):
+            raise RetrieverError(res.error)
+        return res
+
+    def _search(self, queries: np.ndarray, k: int, nprobe: int, rerank: bool, allow_partial: bool) -> SearchResult:
         import ray
         import ray.exceptions as rex
         q = check_request(queries, self.dim, k, nprobe, self.max_k)
-        q_ref = ray.put(q)
+        # one copy in the object store, read zero-copy by every server on a node; a small batch
+        # goes inline with the calls (a put costs more than it saves)
+        q_ref = ray.put(q) if q.nbytes > INLINE_BYTES else q
         t0 = time.monotonic()
         results: dict[int, tuple] = {}
         tried: dict[int, set[int]] = {s: set() for s in range(self.num_shards)}
@@ -270,6 +295,14 @@ class Retriever:
             self._next[s] = (self._next[s] + 1) % max(len(self.servers.get(s, {})), 1)
             if not send(s):
                 failed[s] = "no server running"
+        if not failed:  # the common case: every shard answers in time, one batched get
+            items = list(pending.items())
+            try:
+                got = ray.get([ref for ref, _ in items], timeout=self.hedge_after)
+                results = {shard: g for (_, (shard, _)), g in zip(items, got)}
+                pending.clear()
+            except Exception:  # noqa: BLE001 - a failure or a slow shard: the loop below sorts it out
+                pass
         try:
             while pending and len(results) + len(failed) < self.num_shards:
                 left = self.deadline - (time.monotonic() - t0)
@@ -306,11 +339,13 @@ class Retriever:
         missing = sorted(s for s in range(self.num_shards) if s not in results)
         for s in missing:
             failed.setdefault(s, f"no answer within the {self.deadline:.0f}s deadline")
-        if missing and (not allow_partial or len(missing) == self.num_shards):
-            raise RetrieverError(f"index shards {missing} of {self.uri} have no live replica (" +
-                                 "; ".join(f"shard {s}: {failed[s]}" for s in missing[:5]) +
-                                 "): check `knnlm serve --status`, restart them with `knnlm serve`, or pass "
-                                 "allow_partial=True to search the other shards")
+        error = (f"index shards {missing} of {self.uri} have no live replica (" +
+                 "; ".join(f"shard {s}: {failed[s]}" for s in missing[:5]) +
+                 "): check `knnlm serve --status`, restart them with `knnlm serve`, or pass "
+                 "allow_partial=True to search the other shards") if missing else ""
+        if len(missing) == self.num_shards:
+            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32),
+                                partial=True, missing_shards=missing, error=error)
         got = [results[s] for s in sorted(results)]
         d, i, v = merge_topk([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], k, self.metric)
-        return SearchResult(d, i, v, partial=bool(missing), missing_shards=missing)
+        return SearchResult(d, i, v, partial=bool(missing), missing_shards=missing, error=error)

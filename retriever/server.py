@@ -114,8 +114,11 @@ class ShardServer:
         self.rerank_enabled = rerank
         uri_key = hashlib.sha1(self.storage.uri.encode()).hexdigest()[:16]
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), uri_key)
-        if threads:
-            faiss.omp_set_num_threads(threads)
+        # Ray starts actors with OMP_NUM_THREADS=1; a search is parallel over queries, so use the cores
+        # (set again in each calling thread: OpenMP's thread count is per thread, and a threaded
+        # actor runs its calls on a pool of them)
+        self.threads = threads or len(os.sched_getaffinity(0))
+        faiss.omp_set_num_threads(self.threads)
         t0 = time.perf_counter()
         path = fetch_cached(self.storage, s["path"], s["checksum"], self.cache_dir)
         self.index = faiss.read_index(path, faiss.IO_FLAG_MMAP)        # inverted lists stay on disk
@@ -169,6 +172,7 @@ class ShardServer:
             raise RequestError(f"re-ranking was asked of index shard {self.shard}, whose server was started without "
                                "it: start the servers with `knnlm serve --rerank`")
         params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        faiss.omp_set_num_threads(self.threads)
         d, ids = self.index.search(q, int(k), params=params)                # (n, k) float32, int64 global ids
         d = normalize_missing(d, ids, self.metric)
         local = ids - self.first_id

@@ -217,6 +217,10 @@ def test_killed_replicas_failover_then_clear_error_or_partial(synth, tmp_path, r
         assert not np.any((part.ids >= lo) & (part.ids < hi))
         status = {(x["shard"], x["replica"]): x["healthy"] for x in server_status(uri)}
         assert status[(1, None)] is False and status[(0, 0)] and status[(2, 1)]
+        # `knnlm serve` restarts the missing servers: the same client finds them by name again
+        start_servers(uri, replicas=2, cache_dir=str(tmp_path / "cache"), detached=False)
+        again = r.search(q, k=20, nprobe=4)
+        np.testing.assert_array_equal(again.dist, want.dist) and not again.partial
     finally:
         stop_servers(uri)
 

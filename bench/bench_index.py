@@ -29,8 +29,6 @@ shard format) of --num-keys keys of --dim dims is written to a temporary local d
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import shutil
@@ -212,15 +210,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     total_s = time.perf_counter() - t_all
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "parameters": params,
-              "figures": figures, "bench_seconds": total_s, "argv": sys.argv}
-    name = f"index-{a.device}-{datetime.date.today().isoformat()}.json"
-    path = HERE / "results" / name
-    if a.result:
-        path = Path(a.result) / name if Path(a.result).is_dir() else Path(a.result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    from common import write_result
+    path, result = write_result("index", a.device, machine, load_before, params, figures, total_s, a.result)
 
     print(f"\n{machine['hostname']}: {nproc} CPUs ({machine['cpu_model']}), faiss {faiss.__version__}"
           + (f", {machine['gpu']}" if machine["gpu"] else "")

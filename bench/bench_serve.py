@@ -19,8 +19,6 @@ Results: bench/results/serve-<device>-<YYYY-MM-DD>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import shutil
@@ -142,15 +140,8 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     total_s = time.perf_counter() - t_all
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "parameters": vars(a),
-              "figures": figures, "bench_seconds": total_s, "argv": sys.argv}
-    name = f"serve-cpu-{datetime.date.today().isoformat()}.json"
-    path = HERE / "results" / name
-    if a.result:
-        path = Path(a.result) / name if Path(a.result).is_dir() else Path(a.result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    from common import write_result
+    path, result = write_result("serve", "cpu", machine, load_before, vars(a), figures, total_s, a.result)
     print(f"\n{machine['hostname']}: {machine['nproc']} CPUs ({machine['cpu_model']}), faiss {faiss.__version__}; "
           f"load {load_before[0]:.2f} before, {result['load_average_after'][0]:.2f} after")
     print(f"{a.num_keys:,} synthetic keys x {a.dim} dims, {a.factory}, k={a.k}, nprobe={a.nprobe}")

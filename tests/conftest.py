@@ -160,6 +160,17 @@ def s3_bucket(s3_server):
     yield name
 
 
+def upload_dir(local: str, bucket: str, prefix: str) -> str:
+    """Copy a local directory tree to s3://bucket/prefix (the moto server); returns that URI."""
+    import boto3
+    s3 = boto3.client("s3")
+    for d, _, files in os.walk(local):
+        for f in files:
+            p = os.path.join(d, f)
+            s3.upload_file(p, bucket, f"{prefix}/" + os.path.relpath(p, local))
+    return f"s3://{bucket}/{prefix}"
+
+
 def write_text(path, text: str | bytes) -> str:
     path = str(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)

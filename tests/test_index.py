@@ -473,14 +473,9 @@ def test_cli_train_index_and_add(synth, tmp_path, capsys, ray_cluster):
 def test_s3_train_and_add_match_local(synth, tmp_path, s3_bucket, ray_cluster):
     """The same datastore on S3 (moto server): ranged row-group reads for the sample, the same trained
     index and the same index shards, byte for byte."""
-    import boto3
+    from conftest import upload_dir
     local = fresh_copy(synth, tmp_path / "ds")
-    s3 = boto3.client("s3")
-    for d, _, files in os.walk(local):
-        for f in files:
-            p = os.path.join(d, f)
-            s3.upload_file(p, s3_bucket, "ds/" + os.path.relpath(p, local))
-    uri = f"s3://{s3_bucket}/ds"
+    uri = upload_dir(local, s3_bucket, "ds")
     for u in (local, uri):
         train_stage(tcfg(u, read_factor=1.5))
         add_stage(acfg(u, index_shards=2))

@@ -314,14 +314,9 @@ def test_cli_serve_status_stop_and_query(synth, tmp_path, ray_cluster, capsys):
 
 @pytest.mark.s3
 def test_servers_fetch_shards_from_s3(synth, tmp_path, s3_bucket, ray_cluster):
-    import boto3
+    from conftest import upload_dir
     local = indexed(synth, tmp_path / "ds", "IVF16,PQ4", "l2", 2)
-    s3 = boto3.client("s3")
-    for d, _, files in os.walk(local):
-        for f in files:
-            p = os.path.join(d, f)
-            s3.upload_file(p, s3_bucket, "ds/" + os.path.relpath(p, local))
-    uri = f"s3://{s3_bucket}/ds"
+    uri = upload_dir(local, s3_bucket, "ds")
     keys, _ = columns(local)
     q = keys[::700]
     results = []

@@ -97,11 +97,27 @@ class KeyEncoder:
         self.dim = int(model.config.hidden_size)
         self.dtype = next(model.parameters()).dtype
         self._out: torch.Tensor | None = None
+        self._stop = True          # False while `score` runs the whole model
         self.module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
         self._out = args[0]
-        raise _Captured
+        if self._stop:
+            raise _Captured
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole forward: (keys (B, T, d) at the key layer, logits (B, T, V)), from one pass.
+        The evaluation's queries come from here: the same module, hook and dtype as the keys."""
+        self._out, self._stop = None, False
+        try:
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
+        finally:
+            self._stop = True
+        if self._out is None:
+            raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} was not "
+                                "called in the forward pass")
+        return self._out, logits
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

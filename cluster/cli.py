@@ -312,6 +312,52 @@ class _connected:
             ray.shutdown()
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="base LM and kNN-LM perplexity of evaluation text",
+        description="Score every token of the evaluation text that would get a key (the datastore's tokenizer, "
+                    "windows, key layer and mode) with the base LM and with the kNN-LM: p = lambda * p_kNN + "
+                    "(1 - lambda) * p_LM, p_kNN(y) proportional to the sum over the k neighbours with value y of "
+                    "exp(-d/T), d the squared L2 distance FAISS returns (exp(s/T) for inner product). LM workers are "
+                    "Ray actors (one per GPU, else one using the CPUs); their queries go to the index servers in "
+                    "batches.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH_OR_URI", help="evaluation text, read like "
+                   "build corpora (same formats)")
+    p.add_argument("--model", default=None, help="default: the model recorded in the manifest (must be the same)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="interpolation weight of p_kNN (default: the value `knnlm tune` recorded, else 0.25)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature of p_kNN (default: the value `knnlm tune` recorded, else 1.0)")
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--rerank", choices=("exact",), default=None,
+                   help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
+    p.add_argument("--mode", choices=("stream", "document"), default=None, help="default: the manifest's")
+    p.add_argument("--format", choices=("auto", "text", "wikitext", "jsonl", "parquet"), default="auto")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--address", default=None, help="a Ray cluster with running servers of this datastore "
+                                                   "(default: embedded servers started for the call)")
+    p.add_argument("--workers", type=int, default=None, help="LM workers (default: one per GPU, else one)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--cache-dir", default=None, help="cache of the embedded servers")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(a) -> int:
+    from retriever.evaluate import EvalConfig, evaluate, write_json
+    cfg = EvalConfig(datastore=a.datastore, corpus=a.corpus, model=a.model, lam=a.lam, temperature=a.temperature,
+                     k=a.k, nprobe=a.nprobe, rerank=a.rerank == "exact", mode=a.mode, format=a.format,
+                     text_field=a.text_field, address=a.address, workers=a.workers, batch_size=a.batch_size,
+                     cache_dir=a.cache_dir)
+    res = evaluate(cfg)
+    print(res.table())
+    if a.out:
+        write_json(res, a.out)
+    return 0
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a datastore's manifest summary (or the whole manifest with --json)")
     p.add_argument("datastore", metavar="DATASTORE_URI")
@@ -385,6 +431,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_add(sub)
     _add_serve(sub)
     _add_query(sub)
+    _add_eval(sub)
     _add_info(sub)
     _add_verify(sub)
     return p
@@ -405,12 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     from builder.train import IndexBuildError
     from cluster.runtime import ClusterError
     from cluster.storage import StorageError
+    from retriever.evaluate import EvalError
     from retriever.router import RetrieverError
     from retriever.server import RequestError, ServerError
     try:
         return args.func(args)
     except (BuildError, ConfigError, ManifestError, StorageError, IndexBuildError, ShardError, LeaseError,
-            ClusterError, RetrieverError, RequestError, ServerError) as e:
+            ClusterError, RetrieverError, RequestError, ServerError, EvalError) as e:
         if args.verbose:
             raise
         print(f"knnlm {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,329 @@
+"""`knnlm eval`: base LM and kNN-LM perplexity of evaluation text, on Ray evaluation workers.
+
+The queries are made exactly as the datastore's keys were: the same tokenizer, the same
+windows (`builder.corpus.plan_windows` with the manifest's window and min_context), the same
+key module and hook (`builder.keys.KeyEncoder.score`, one full forward per window that also
+gives the LM's logits), rounded to float16 as keys are stored. Every token that would get a key
+is scored: in `document` mode every token after the first of each document; in `stream` mode
+every token after the first of each file.
+
+Work is cut into chunks of whole windows, independent of the number of workers; each worker
+(a Ray actor holding the LM and a `Retriever`) returns the per-token log-probabilities of its
+chunk, and the driver sums them in chunk order, so the result does not depend on how many
+workers ran. A worker that dies has its chunk redone (Ray retries the call on the restarted
+actor).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from builder.config import ConfigError
+from retriever.knnlm import interpolate, knn_log_probs, perplexity
+
+log = logging.getLogger(__name__)
+PAPER_LAMBDA, PAPER_TEMPERATURE = 0.25, 1.0
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as asked (mismatched model, empty text, no index ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pure cores
+
+
+@dataclass
+class Chunk:
+    """Windows to score: (the window's tokens (L,), first target, end target) each, targets as
+    positions in the window (the first target is at least 1: its query is the state before it)."""
+    id: int
+    windows: list[tuple[np.ndarray, int, int]] = field(default_factory=list)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(b - a for _, a, b in self.windows)
+
+
+def plan_chunks(sequences: list[np.ndarray], window: int, min_context: int, chunk_targets: int = 8192) -> list[Chunk]:
+    """The scoring windows of every sequence (as the builder plans them), cut into chunks of about
+    `chunk_targets` targets. Depends only on the text and the manifest, not on the workers."""
+    from builder.corpus import plan_windows
+    chunks = [Chunk(0)]
+    for seq in sequences:
+        if len(seq) < 2:
+            continue
+        for (s, e, a, b) in plan_windows(len(seq), window, min_context):
+            if chunks[-1].num_targets >= chunk_targets:
+                chunks.append(Chunk(len(chunks)))
+            chunks[-1].windows.append((seq[s:e], a - s, b - s))
+    return [c for c in chunks if c.windows]
+
+
+def score_windows(windows: list[tuple[np.ndarray, int, int]], encoder, batch_size: int = 8,
+                  pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries (m, d) float16, LM log p(target) (m,) float64, targets (m,) int64) for the windows'
+    targets in order: one full forward per window; the query of target t is the key-layer state at
+    t−1 (as the datastore's key of that target would be)."""
+    import torch
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))   # longest first: little padding
+    outs: list = [None] * len(windows)
+    dev = encoder.device
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        T = len(windows[idx[0]][0])
+        ids = np.full((len(idx), T), pad_id, dtype=np.int64)        # right padding: causal attention ignores it
+        for r, i in enumerate(idx):
+            ids[r, :len(windows[i][0])] = windows[i][0]
+        h, logits = encoder.score(torch.from_numpy(ids).to(dev))              # (B, T, d), (B, T, V)
+        for r, i in enumerate(idx):
+            toks, a, b = windows[i]
+            pos = slice(a - 1, b - 1)                                          # query positions t-1
+            tgt = torch.from_numpy(np.asarray(toks[a:b], dtype=np.int64)).to(dev)
+            lp = torch.log_softmax(logits[r, pos].float(), dim=-1)             # (m, V) fp32
+            lm = lp.gather(1, tgt[:, None])[:, 0].double()
+            outs[i] = (h[r, pos].to(torch.float16).cpu().numpy(), lm.cpu().numpy(), toks[a:b].astype(np.int64))
+    q = np.concatenate([o[0] for o in outs])
+    return q, np.concatenate([o[1] for o in outs]), np.concatenate([o[2] for o in outs])
+
+
+def combine(lm_logp: np.ndarray, dist: np.ndarray, values: np.ndarray, targets: np.ndarray, lam: float,
+            temperature: float, metric: str) -> np.ndarray:
+    """kNN-LM log p(target) per token (float64)."""
+    return interpolate(lm_logp, knn_log_probs(dist, values, targets, temperature, metric), lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker
+
+
+class EvalWorkerImpl:
+    """Body of the evaluation worker actor: the LM (for queries and log-probs) and a Retriever."""
+
+    def __init__(self, model_path: str, key_layer: str, device: str, compute_dtype: str, datastore: str,
+                 threads: int | None):
+        import torch
+
+        from builder.keys import load_encoder
+        from retriever.router import Retriever
+        if threads:
+            torch.set_num_threads(threads)
+        self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
+        self.retriever = Retriever.connect(datastore)
+
+    def run(self, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
+            batch_size: int, search_batch: int) -> dict:
+        t0 = time.perf_counter()
+        q, lm, tgt = score_windows(windows, self.encoder, batch_size)
+        t1 = time.perf_counter()
+        knn = np.empty(len(q))
+        for a in range(0, len(q), search_batch):
+            r = self.retriever.search(q[a:a + search_batch].astype(np.float32), k=k, nprobe=nprobe, rerank=rerank)
+            knn[a:a + len(r.ids)] = knn_log_probs(r.dist, r.values, tgt[a:a + search_batch], temperature,
+                                                  self.retriever.metric)
+        t2 = time.perf_counter()
+        mix = interpolate(lm, knn, lam)
+        return {"lm": lm, "knnlm": mix, "tokens": len(q),
+                "seconds": {"lm": t1 - t0, "search": t2 - t1, "combine": time.perf_counter() - t2}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+@dataclass
+class EvalConfig:
+    datastore: str
+    corpus: list[str]
+    model: str | None = None            # default: the manifest's model
+    lam: float | None = None            # default: the manifest's recorded choice, else 0.25
+    temperature: float | None = None    # default: the manifest's recorded choice, else 1.0
+    k: int = 1024
+    nprobe: int = 32
+    rerank: bool = False
+    mode: str | None = None             # default: the manifest's
+    format: str = "auto"
+    text_field: str = "text"
+    address: str | None = None
+    workers: int | None = None
+    batch_size: int = 8
+    search_batch: int = 1024
+    chunk_targets: int = 8192
+    device: str = "auto"
+    threads: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if not self.corpus:
+            raise ConfigError("--corpus: at least one evaluation file is required")
+        if self.lam is not None and not 0 <= self.lam <= 1:
+            raise ConfigError(f"--lambda must be in [0, 1] (got {self.lam})")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive (got {self.temperature})")
+        for flag, v in (("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
+                        ("--workers", self.workers)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    base_ppl: float
+    knnlm_ppl: float
+    lam: float
+    temperature: float
+    k: int
+    nprobe: int
+    rerank: bool
+    seconds: float
+    split: dict
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "base_ppl": self.base_ppl, "knnlm_ppl": self.knnlm_ppl,
+                "relative_change": self.knnlm_ppl / self.base_ppl - 1, "lambda": self.lam,
+                "temperature": self.temperature, "k": self.k, "nprobe": self.nprobe, "rerank": self.rerank,
+                "tokens_per_s": self.tokens / self.seconds if self.seconds else None, "seconds": self.seconds,
+                "seconds_split": self.split}
+
+    def table(self) -> str:
+        j = self.to_json()
+        rows = [("tokens", f"{self.tokens:,}"), ("base ppl", f"{self.base_ppl:.3f}"),
+                ("kNN-LM ppl", f"{self.knnlm_ppl:.3f}"), ("relative change", f"{100 * j['relative_change']:+.2f}%"),
+                ("lambda", f"{self.lam:g}"), ("temperature", f"{self.temperature:g}"), ("k", f"{self.k}"),
+                ("nprobe", f"{self.nprobe}"), ("rerank", "exact" if self.rerank else "no"),
+                ("tokens/s", f"{j['tokens_per_s']:,.0f}")]
+        return "\n".join(f"{a:<16} {b:>12}" for a, b in rows)
+
+
+def _check_model(cfg: EvalConfig, m) -> "object":
+    from builder.modelinfo import ModelError, inspect_model
+    model = cfg.model or m.model.get("path") or m.model["name"]
+    try:
+        info = inspect_model(model, m.key_layer)
+    except ModelError as e:
+        raise EvalError(str(e)) from None
+    if info.sha256 != m.model["sha256"]:
+        raise EvalError(f"--model {model} (weights sha256 {info.sha256[:12]}) is not the model that built the datastore "
+                        f"({m.model['name']}, sha256 {m.model['sha256'][:12]}): queries must come from the same model")
+    if info.tokenizer_sha256 != m.tokenizer.get("sha256"):
+        raise EvalError(f"--model {model}: its tokenizer (sha256 {info.tokenizer_sha256[:12]}) differs from the "
+                        f"datastore's ({str(m.tokenizer.get('sha256'))[:12]})")
+    if info.key_module != m.key_module:
+        raise EvalError(f"--model {model}: key module {info.key_module}, the datastore's keys come from {m.key_module}")
+    return info
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Run the evaluation (see the module docstring)."""
+    import ray
+
+    from builder.corpus import detect_format, tokenize_file
+    from builder.manifest import load_manifest
+    from cluster.runtime import cluster_resources, ray_session
+    from cluster.storage import Storage, expand_inputs, read_uri
+    from retriever.router import find_servers, start_servers, stop_servers
+
+    t0 = time.perf_counter()
+    st = Storage.from_uri(cfg.datastore)
+    m = load_manifest(st)
+    if not m.index or not m.index_shards:
+        raise EvalError(f"{st.uri} has no index: run `knnlm train-index {st.uri}` and `knnlm add {st.uri}` first")
+    mode = cfg.mode or m.mode
+    if mode != m.mode:
+        raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
+                        f"{'cross' if m.mode == 'stream' else 'do not cross'} documents); evaluate in the same mode")
+    info = _check_model(cfg, m)
+    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
+    lam = cfg.lam if cfg.lam is not None else tuned.get("lambda", PAPER_LAMBDA)
+    temperature = cfg.temperature if cfg.temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE)
+
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(info.path)
+    tok.model_max_length = 1 << 60
+    try:
+        inputs = expand_inputs(cfg.corpus)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    built = {f.get("sha256"): f.get("uri") for f in m.corpus.get("files", [])}
+    sequences = []
+    for uri in inputs:
+        tf = tokenize_file(read_uri(uri), uri, detect_format(uri, cfg.format), mode, tok, cfg.text_field)
+        if tf.sha256 in built or uri in built.values():
+            log.warning("%s is also in the datastore's corpus (%s): its tokens will retrieve themselves and the "
+                        "perplexity will look better than it is", uri, built.get(tf.sha256, uri))
+        off = 0
+        for n in tf.seq_lengths:
+            sequences.append(tf.tokens[off:off + n])
+            off += n
+    chunks = plan_chunks(sequences, m.window, m.min_context, cfg.chunk_targets)
+    total = sum(c.num_targets for c in chunks)
+    if total == 0:
+        raise EvalError(f"--corpus {', '.join(cfg.corpus)}: no token to score (empty text, or documents shorter "
+                        "than 2 tokens)")
+
+    with ray_session(cfg.address):
+        embedded = not find_servers(st.uri)
+        if embedded:
+            if cfg.address:
+                raise EvalError(f"no index servers of {st.uri} run on {cfg.address}: start them with "
+                                f"`knnlm serve {st.uri} --address {cfg.address}`" + (" --rerank" if cfg.rerank else ""))
+            start_servers(st.uri, rerank=cfg.rerank, cache_dir=cfg.cache_dir, detached=False)
+        try:
+            cpus, gpus = cluster_resources()
+            use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
+            workers = cfg.workers or (gpus if use_gpu else 1)
+            threads = cfg.threads or max(1, cpus // workers)
+            compute_dtype = m.compute_dtype if not use_gpu else "auto"
+            actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
+                                                       max_restarts=2, max_task_retries=2)
+            pool = [actor.remote(info.path, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
+                    for _ in range(min(workers, len(chunks)))]
+            results: dict[int, dict] = {}
+            queue = list(chunks)
+            inflight: dict = {}
+            try:
+                while queue or inflight:
+                    for w in pool:
+                        if queue and sum(1 for v in inflight.values() if v[1] is w) == 0:
+                            c = queue.pop(0)
+                            ref = w.run.remote(c.windows, cfg.k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                               cfg.batch_size, cfg.search_batch)
+                            inflight[ref] = (c, w)
+                    done, _ = ray.wait(list(inflight), num_returns=1)
+                    for ref in done:
+                        c, _w = inflight.pop(ref)
+                        try:
+                            results[c.id] = ray.get(ref)
+                        except Exception as e:
+                            from cluster.runtime import unwrap_task_error
+                            from retriever.router import RetrieverError
+                            from retriever.server import RequestError
+                            raise unwrap_task_error(e, f"evaluation chunk {c.id}",
+                                                    (RetrieverError, RequestError, ValueError), EvalError) from None
+            finally:
+                for w in pool:
+                    ray.kill(w)
+        finally:
+            if embedded:
+                stop_servers(st.uri)
+    order = sorted(results)
+    lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
+    mix = np.concatenate([results[i]["knnlm"] for i in order])
+    split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
+    n = int(lm.size)
+    res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, cfg.k,
+                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
+    log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
+    return res
+
+
+def write_json(res: EvalResult, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(res.to_json(), f, indent=1)

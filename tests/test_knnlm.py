@@ -1,0 +1,155 @@
+"""kNN-LM scoring: the interpolation, and `knnlm eval` against an independent brute-force computation."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from builder.add import add_stage, iter_range
+from builder.build import build
+from builder.config import AddConfig, BuildConfig, TrainConfig
+from builder.manifest import load_manifest
+from builder.train import train_stage
+from cluster.storage import Storage
+from conftest import write_text
+from retriever.evaluate import EvalConfig, EvalError, evaluate, plan_chunks
+from retriever.knnlm import interpolate, knn_log_probs, perplexity
+from test_keys import reference_keys
+
+W, C = 16, 6
+TRAIN = ["The quick brown fox jumps over the lazy dog. " * 4,
+         "A kNN-LM interpolates a language model with nearest neighbours from a datastore. " * 3,
+         "In 1998 the river flooded the valley, and 3,000 people moved to the hills. " * 3]
+EVAL = ["The quick brown fox jumps over the river. A language model with neighbours.",
+        "In 1998 the lazy dog moved to the valley."]
+
+
+def test_knn_log_probs_and_interpolation_by_hand():
+    dist = np.array([[1.0, 2.0, 3.0, np.inf]])
+    values = np.array([[7, 8, 7, -1]])
+    w = np.exp(-np.array([1.0, 2.0, 3.0]) / 2.0)
+    got = knn_log_probs(dist, values, np.array([7]), 2.0, "l2")
+    np.testing.assert_allclose(got, [np.log((w[0] + w[2]) / w.sum())], rtol=1e-12)
+    assert knn_log_probs(dist, values, np.array([9]), 2.0, "l2")[0] == -np.inf      # no neighbour with it
+    ip = knn_log_probs(np.array([[3.0, 1.0]]), np.array([[5, 6]]), np.array([5]), 1.0, "ip")
+    np.testing.assert_allclose(ip, [np.log(np.exp(3) / (np.exp(3) + np.exp(1)))])
+    # huge distances: still exact in log space (a naive exp underflows to 0/0)
+    far = knn_log_probs(np.array([[1e6, 1e6 + 1]]), np.array([[1, 2]]), np.array([1]), 1.0, "l2")
+    np.testing.assert_allclose(far, [-np.log1p(np.exp(-1))])
+    lm = np.log(np.array([0.2, 0.5]))
+    knn = np.array([np.log(0.6), -np.inf])
+    mix = interpolate(lm, knn, 0.25)
+    np.testing.assert_allclose(mix, np.log([0.25 * 0.6 + 0.75 * 0.2, 0.75 * 0.5]), rtol=1e-12)
+    assert np.array_equal(interpolate(lm, knn, 0.0), lm) and np.all(np.isfinite(mix))
+    assert perplexity(-2 * np.log(4), 2) == pytest.approx(4.0)
+
+
+def test_plan_chunks_cover_every_target_once():
+    seqs = [np.arange(50), np.arange(1), np.arange(2), np.arange(37)]
+    chunks = plan_chunks(seqs, W, C, chunk_targets=10)
+    assert sum(c.num_targets for c in chunks) == 49 + 0 + 1 + 36
+    assert [c.id for c in chunks] == list(range(len(chunks)))
+    for c in chunks:
+        for toks, a, b in c.windows:
+            assert 1 <= a < b <= len(toks) <= W
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory, gpt2_model, ray_cluster):
+    """A document-mode datastore of the tiny GPT-2 with an exact index (IVF-Flat, probe every list)."""
+    root = tmp_path_factory.mktemp("knnlm")
+    corpus = [write_text(root / "corpus" / f"{i}.txt", t) for i, t in enumerate(TRAIN)]
+    out = str(root / "ds")
+    build(BuildConfig(corpus=corpus, model=gpt2_model, out=out, window=W, min_context=C, progress=False))
+    train_stage(TrainConfig(datastore=out, index_factory="IVF4,Flat", train_size=10**6, trainer="faiss",
+                            min_points_per_centroid=1))
+    add_stage(AddConfig(datastore=out, index_shards=2, encoder="faiss"))
+    evalf = write_text(root / "eval.jsonl", "\n".join(json.dumps({"text": t}) for t in EVAL) + "\n")
+    return root, out, evalf
+
+
+def brute_force(out: str, model_path: str, texts: list[str], lam: float, temperature: float, k: int):
+    """kNN-LM perplexity from scratch: plain forwards with a hook, exact float64 distances to every key."""
+    st = Storage.from_uri(out)
+    m = load_manifest(st)
+    parts = list(iter_range(st, m, 0, m.num_keys, ("key", "value")))
+    keys = np.concatenate([p[1]["key"] for p in parts]).astype(np.float64)
+    vals = np.concatenate([p[1]["value"] for p in parts])
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    lm_sum = mix_sum = 0.0
+    n = 0
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        q = reference_keys(model, "gpt2", "ffn_input", ids, W, C).astype(np.float16).astype(np.float64)
+        with torch.no_grad():
+            stride = W - C
+            for t in range(1, len(ids)):
+                s = max(0, -(-(t - W + 1) // stride)) * stride
+                logits = model(torch.tensor(ids[s:min(s + W, len(ids))])[None]).logits[0, t - 1 - s]
+                lp = float(torch.log_softmax(logits.double(), -1)[ids[t]])
+                d = ((keys - q[t - 1]) ** 2).sum(1)
+                top = np.argsort(d, kind="stable")[:k]
+                wts = np.exp(-(d[top] - d[top].min()) / temperature)
+                p_knn = wts[vals[top] == ids[t]].sum() / wts.sum()
+                lm_sum += lp
+                mix_sum += np.log(lam * p_knn + (1 - lam) * np.exp(lp))
+                n += 1
+    return n, perplexity(lm_sum, n), perplexity(mix_sum, n)
+
+
+def test_eval_equals_brute_force_and_lambda_zero_equals_base(ds, gpt2_model, tmp_path):
+    root, out, evalf = ds
+    res = evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=0.4, temperature=3.0, k=16, nprobe=4,
+                              cache_dir=str(tmp_path / "cache")))
+    n, base, knnlm = brute_force(out, gpt2_model, EVAL, 0.4, 3.0, 16)
+    assert res.tokens == n
+    assert res.base_ppl == pytest.approx(base, rel=1e-5)
+    assert res.knnlm_ppl == pytest.approx(knnlm, rel=1e-4)
+    assert res.knnlm_ppl != pytest.approx(res.base_ppl, rel=1e-3)
+    zero = evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=0.0, k=16, nprobe=4, cache_dir=str(tmp_path / "cache")))
+    assert zero.knnlm_ppl == zero.base_ppl == res.base_ppl
+    j = res.to_json()
+    for key in ("tokens", "base_ppl", "knnlm_ppl", "lambda", "temperature", "k", "nprobe"):
+        assert key in j
+
+
+def test_one_and_two_workers_agree(ds, tmp_path):
+    _, out, evalf = ds
+    r = [evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=0.3, temperature=2.0, k=8, nprobe=4, workers=w,
+                             chunk_targets=10, cache_dir=str(tmp_path / "cache"))) for w in (1, 2)]
+    assert r[0].tokens == r[1].tokens
+    assert r[0].base_ppl == pytest.approx(r[1].base_ppl, rel=1e-9)
+    assert r[0].knnlm_ppl == pytest.approx(r[1].knnlm_ppl, rel=1e-9)
+
+
+def test_eval_errors(ds, tiny_models, tmp_path, capsys):
+    from cluster.cli import main
+    root, out, evalf = ds
+    with pytest.raises(EvalError, match=r"--model .* is not the model that built the datastore"):
+        evaluate(EvalConfig(datastore=out, corpus=[evalf], model=tiny_models["neox"]))
+    empty = write_text(tmp_path / "empty.txt", "")
+    with pytest.raises(EvalError, match="no token to score"):
+        evaluate(EvalConfig(datastore=out, corpus=[empty]))
+    with pytest.raises(EvalError, match="--mode stream: the datastore's keys were built in document mode"):
+        evaluate(EvalConfig(datastore=out, corpus=[evalf], mode="stream"))
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    st = Storage.from_uri(str(bare))
+    m = load_manifest(st)
+    m.index = m.index_shards = None
+    from builder.manifest import write_manifest
+    write_manifest(st, m)
+    with pytest.raises(EvalError, match="has no index: run `knnlm train-index"):
+        evaluate(EvalConfig(datastore=str(bare), corpus=[evalf]))
+    # the CLI: a table, the JSON, and clear errors
+    assert main(["eval", out, "--corpus", evalf, "--k", "8", "--nprobe", "4", "--lambda", "0.3",
+                 "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "kNN-LM ppl" in capsys.readouterr().out
+    j = json.loads((tmp_path / "r.json").read_text())
+    assert j["lambda"] == 0.3 and j["k"] == 8 and j["tokens"] > 0
+    assert main(["eval", out, "--corpus", empty]) == 2
+    assert "no token to score" in capsys.readouterr().err

@@ -329,8 +329,11 @@ def _add_eval(sub) -> None:
                    help="interpolation weight of p_kNN (default: the value `knnlm tune` recorded, else 0.25)")
     p.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature of p_kNN (default: the value `knnlm tune` recorded, else 1.0)")
-    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--k", type=int, default=None, help="neighbours (default: the value `knnlm tune` recorded, else 1024)")
     p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--save-neighbours", default=None, metavar="URI",
+                   help="also store, per token, the LM log-prob of the target and the k distances and values "
+                        "(Parquet; see retriever/tune.py) for `knnlm tune`")
     p.add_argument("--rerank", choices=("exact",), default=None,
                    help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
     p.add_argument("--mode", choices=("stream", "document"), default=None, help="default: the manifest's")
@@ -350,11 +353,54 @@ def _cmd_eval(a) -> int:
     cfg = EvalConfig(datastore=a.datastore, corpus=a.corpus, model=a.model, lam=a.lam, temperature=a.temperature,
                      k=a.k, nprobe=a.nprobe, rerank=a.rerank == "exact", mode=a.mode, format=a.format,
                      text_field=a.text_field, address=a.address, workers=a.workers, batch_size=a.batch_size,
-                     cache_dir=a.cache_dir)
+                     cache_dir=a.cache_dir, save_neighbours=a.save_neighbours)
     res = evaluate(cfg)
     print(res.table())
     if a.out:
         write_json(res, a.out)
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="choose lambda, T and k on cached neighbours (knnlm eval --save-neighbours), in seconds",
+        description="Search lambda (0 to 0.95), the temperature T (log-spaced around the typical nearest distance, "
+                    "and 1.0) and k (powers of two up to the cached k) on the validation cache, pick the lowest "
+                    "validation perplexity, and report it on the test cache, without the LM or the index.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--valid", required=True, metavar="CACHE", help="neighbour cache of the validation text")
+    p.add_argument("--test", default=None, metavar="CACHE", help="neighbour cache of the test text")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="the choice, the figures and the whole grid")
+    p.add_argument("--plots", default=None, metavar="DIR", help="PNG plots: perplexity vs lambda, vs k")
+    p.add_argument("--record", default=None, metavar="DATASTORE_URI",
+                   help="store the choice in this datastore's manifest as `knnlm eval`'s default")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(a) -> int:
+    from builder.config import ConfigError
+    from retriever.tune import plot, read_cache, record, tune
+    try:
+        valid = read_cache(a.valid)
+        test = read_cache(a.test) if a.test else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    res = tune(valid, test)
+    print(f"chosen on {res['valid_tokens']:,} validation tokens: lambda={res['lambda']:g}, "
+          f"T={res['temperature']:g}, k={res['k']}")
+    print(f"validation ppl {res['valid_base_ppl']:.3f} -> {res['valid_ppl']:.3f}")
+    if test is not None:
+        print(f"test ppl       {res['test_base_ppl']:.3f} -> {res['test_ppl']:.3f} ({res['test_tokens']:,} tokens; "
+              f"the paper's lambda=0.25, T=1: {res['test_paper_ppl']:.3f})")
+    if a.plots:
+        for path in plot(res, a.plots):
+            print(f"plot: {path}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.record:
+        record(a.record, res)
+        print(f"recorded in {a.record}/manifest.json: `knnlm eval` now defaults to these values")
     return 0
 
 
@@ -432,6 +478,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_query(sub)
     _add_eval(sub)
+    _add_tune(sub)
     _add_info(sub)
     _add_verify(sub)
     return p

@@ -107,26 +107,37 @@ class EvalWorkerImpl:
     def __init__(self, model_path: str, key_layer: str, device: str, compute_dtype: str, datastore: str,
                  threads: int | None):
         import torch
+        import transformers
 
         from builder.keys import load_encoder
         from retriever.router import Retriever
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         if threads:
             torch.set_num_threads(threads)
         self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
         self.retriever = Retriever.connect(datastore)
 
-    def run(self, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
-            batch_size: int, search_batch: int) -> dict:
+    def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
+            batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
         t0 = time.perf_counter()
         q, lm, tgt = score_windows(windows, self.encoder, batch_size)
         t1 = time.perf_counter()
         knn = np.empty(len(q))
+        dists, values = [], []
         for a in range(0, len(q), search_batch):
             r = self.retriever.search(q[a:a + search_batch].astype(np.float32), k=k, nprobe=nprobe, rerank=rerank)
             knn[a:a + len(r.ids)] = knn_log_probs(r.dist, r.values, tgt[a:a + search_batch], temperature,
                                                   self.retriever.metric)
+            if save_uri:
+                dists.append(r.dist)
+                values.append(r.values)
         t2 = time.perf_counter()
         mix = interpolate(lm, knn, lam)
+        if save_uri:
+            from cluster.storage import Storage
+            from retriever.tune import write_chunk
+            write_chunk(Storage.from_uri(save_uri), chunk_id, tgt, lm, np.concatenate(dists), np.concatenate(values))
         return {"lm": lm, "knnlm": mix, "tokens": len(q),
                 "seconds": {"lm": t1 - t0, "search": t2 - t1, "combine": time.perf_counter() - t2}}
 
@@ -142,7 +153,7 @@ class EvalConfig:
     model: str | None = None            # default: the manifest's model
     lam: float | None = None            # default: the manifest's recorded choice, else 0.25
     temperature: float | None = None    # default: the manifest's recorded choice, else 1.0
-    k: int = 1024
+    k: int | None = None                # default: the manifest's recorded choice, else 1024
     nprobe: int = 32
     rerank: bool = False
     mode: str | None = None             # default: the manifest's
@@ -156,6 +167,7 @@ class EvalConfig:
     device: str = "auto"
     threads: int | None = None
     cache_dir: str | None = None
+    save_neighbours: str | None = None  # a folder URI for the neighbour cache (knnlm tune)
 
     def __post_init__(self):
         if isinstance(self.corpus, str):
@@ -243,6 +255,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
     lam = cfg.lam if cfg.lam is not None else tuned.get("lambda", PAPER_LAMBDA)
     temperature = cfg.temperature if cfg.temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE)
+    k = cfg.k or tuned.get("k", 1024)
 
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(info.path)
@@ -293,8 +306,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                     for w in pool:
                         if queue and sum(1 for v in inflight.values() if v[1] is w) == 0:
                             c = queue.pop(0)
-                            ref = w.run.remote(c.windows, cfg.k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                               cfg.batch_size, cfg.search_batch)
+                            ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                               cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
                             inflight[ref] = (c, w)
                     done, _ = ray.wait(list(inflight), num_returns=1)
                     for ref in done:
@@ -318,8 +331,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     mix = np.concatenate([results[i]["knnlm"] for i in order])
     split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
     n = int(lm.size)
-    res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, cfg.k,
+    res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
                      cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
+    if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
+        Storage.from_uri(cfg.save_neighbours).write_text("cache.json", json.dumps(
+            {"metric": m.index["metric"], "k": k, "nprobe": cfg.nprobe, "rerank": cfg.rerank, "datastore": st.uri,
+             "corpus": inputs, "tokens": n, "chunks": len(chunks)}))
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
 

@@ -153,3 +153,39 @@ def test_eval_errors(ds, tiny_models, tmp_path, capsys):
     assert j["lambda"] == 0.3 and j["k"] == 8 and j["tokens"] > 0
     assert main(["eval", out, "--corpus", empty]) == 2
     assert "no token to score" in capsys.readouterr().err
+
+
+def test_tune_from_cache_equals_eval_with_the_choice(ds, tmp_path, capsys):
+    import shutil
+
+    from cluster.cli import main
+    from retriever.tune import ppl, read_cache, tune
+    _, out, evalf = ds
+    cache = str(tmp_path / "valid-cache")
+    base = evaluate(EvalConfig(datastore=out, corpus=[evalf], k=32, nprobe=4, save_neighbours=cache, chunk_targets=10,
+                               cache_dir=str(tmp_path / "srv")))
+    c = read_cache(cache)
+    assert c.meta["tokens"] == base.tokens and c.dist.shape == (base.tokens, 32) and c.meta["metric"] == "l2"
+    assert ppl(c, base.lam, base.temperature, 32) == pytest.approx(base.knnlm_ppl, rel=1e-12)  # reproduces the eval
+    res = tune(c, c)
+    assert res["valid_ppl"] <= base.knnlm_ppl and res["valid_ppl"] < res["valid_base_ppl"]
+    again = evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=res["lambda"], temperature=res["temperature"],
+                                k=res["k"], nprobe=4, chunk_targets=10, cache_dir=str(tmp_path / "srv")))
+    assert again.knnlm_ppl == pytest.approx(res["valid_ppl"], rel=1e-9)
+    # the command: plots, JSON, and --record, after which eval defaults to the choice
+    copy = str(tmp_path / "ds")
+    shutil.copytree(out, copy)
+    plots = tmp_path / "plots"
+    assert main(["tune", "--valid", cache, "--test", cache, "--plots", str(plots), "--out", str(tmp_path / "t.json"),
+                 "--record", copy]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen on" in printed and "recorded in" in printed
+    assert sorted(os.listdir(plots)) == ["ppl_vs_k.png", "ppl_vs_lambda.png"]
+    assert (plots / "ppl_vs_lambda.png").stat().st_size > 10000
+    tuned = load_manifest(Storage.from_uri(copy)).extra["knnlm"]["tuned"]
+    assert (tuned["lambda"], tuned["temperature"], tuned["k"]) == (res["lambda"], res["temperature"], res["k"])
+    rec = evaluate(EvalConfig(datastore=copy, corpus=[evalf], nprobe=4, chunk_targets=10, cache_dir=str(tmp_path / "srv")))
+    assert (rec.lam, rec.temperature, rec.k) == (res["lambda"], res["temperature"], res["k"])
+    assert rec.knnlm_ppl == pytest.approx(res["valid_ppl"], rel=1e-9)
+    assert main(["tune", "--valid", str(tmp_path / "nothing")]) == 2
+    assert "is not a neighbour cache" in capsys.readouterr().err

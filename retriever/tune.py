@@ -1,0 +1,166 @@
+"""Cached neighbours (`knnlm eval --save-neighbours URI`) and `knnlm tune` on them.
+
+A cache is a folder (local or s3://) of Parquet files, one per evaluation chunk, in token order:
+
+| column   | type                        | meaning |
+|----------|-----------------------------|---------|
+| target   | int64                       | the evaluated token id |
+| lm_logp  | float64                     | the base LM's log p(target) |
+| dist     | fixed_size_list<float32>[k] | distances of the k neighbours, best first (squared L2 / inner product, as FAISS returns them; +inf / -inf where missing) |
+| values   | fixed_size_list<int32>[k]   | their values (token ids; -1 where missing) |
+
+plus `cache.json`: {metric, k, nprobe, rerank, datastore, tokens, chunks}. Everything `knnlm tune`
+needs: it searches λ, T and k (a prefix of the k neighbours) without the LM or the index.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retriever.knnlm import interpolate, knn_log_probs, perplexity
+
+log = logging.getLogger(__name__)
+META = "cache.json"
+
+
+def chunk_path(i: int) -> str:
+    return f"neighbours-{i:05d}.parquet"
+
+
+def write_chunk(storage, i: int, target: np.ndarray, lm: np.ndarray, dist: np.ndarray, values: np.ndarray) -> None:
+    k = dist.shape[1]
+    t = pa.table({"target": pa.array(np.asarray(target, np.int64)), "lm_logp": pa.array(np.asarray(lm, np.float64)),
+                  "dist": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(dist, np.float32).ravel()), k),
+                  "values": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.int32).ravel()), k)})
+    sink = io.BytesIO()
+    pq.write_table(t, sink, compression="zstd")
+    storage.write_bytes(chunk_path(i), sink.getvalue())
+
+
+@dataclass
+class Cache:
+    target: np.ndarray      # (n,) int64
+    lm: np.ndarray          # (n,) float64
+    dist: np.ndarray        # (n, k) float32
+    values: np.ndarray      # (n, k) int32
+    meta: dict
+
+
+def read_cache(uri: str) -> Cache:
+    from cluster.storage import NotFound, Storage
+    st = Storage.from_uri(uri)
+    try:
+        meta = json.loads(st.read_text(META))
+    except NotFound:
+        raise ValueError(f"{st.url(META)} not found: {uri} is not a neighbour cache (write one with "
+                         "`knnlm eval ... --save-neighbours URI`)") from None
+    parts = []
+    for i in range(meta["chunks"]):
+        t = pq.read_table(pa.BufferReader(st.read_bytes(chunk_path(i))))
+        k = meta["k"]
+        parts.append((t.column("target").to_numpy(), t.column("lm_logp").to_numpy(),
+                      t.column("dist").combine_chunks().values.to_numpy().reshape(-1, k),
+                      t.column("values").combine_chunks().values.to_numpy().reshape(-1, k)))
+    c = Cache(*(np.concatenate([p[j] for p in parts]) for j in range(4)), meta=meta)
+    if len(c.target) != meta["tokens"]:
+        raise ValueError(f"{uri}: {len(c.target)} tokens in its chunks, cache.json says {meta['tokens']}")
+    return c
+
+
+def ppl(c: Cache, lam: float, temperature: float, k: int) -> float:
+    """kNN-LM perplexity of a cache with these settings (the same functions `knnlm eval` uses)."""
+    knn = knn_log_probs(c.dist[:, :k], c.values[:, :k], c.target, temperature, c.meta["metric"])
+    return perplexity(float(np.sum(interpolate(c.lm, knn, lam))), len(c.lm))
+
+
+def default_grid(c: Cache) -> dict:
+    """λ in steps of 0.05; T log-spaced around the typical nearest distance (distances scale with the
+    model: a fixed T = 1 can be far too sharp); k powers of two up to the cache's k."""
+    d1 = np.abs(c.dist[:, 0][np.isfinite(c.dist[:, 0])])
+    scale = float(np.median(d1)) if d1.size else 1.0
+    temps = sorted({1.0} | {float(f"{scale * 2.0 ** e:.4g}") for e in range(-4, 7)})
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if k < c.meta["k"]] + [c.meta["k"]]
+    return {"lambda": [round(x, 2) for x in np.arange(0.0, 1.0, 0.05)], "temperature": temps, "k": ks}
+
+
+def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> dict:
+    """Pick λ, T, k minimizing the validation perplexity; report them on test."""
+    grid = grid or default_grid(valid)
+    table = []
+    best = None
+    for k in grid["k"]:
+        for T in grid["temperature"]:
+            knn = knn_log_probs(valid.dist[:, :k], valid.values[:, :k], valid.target, T, valid.meta["metric"])
+            for lam in grid["lambda"]:
+                p = perplexity(float(np.sum(interpolate(valid.lm, knn, lam))), len(valid.lm))
+                table.append({"k": k, "temperature": T, "lambda": lam, "valid_ppl": p})
+                if best is None or p < best["valid_ppl"]:
+                    best = table[-1]
+    out = {"lambda": best["lambda"], "temperature": best["temperature"], "k": best["k"],
+           "valid_ppl": best["valid_ppl"], "valid_base_ppl": perplexity(float(valid.lm.sum()), len(valid.lm)),
+           "valid_tokens": int(len(valid.lm)), "grid": grid, "table": table}
+    if test is not None:
+        out.update(test_ppl=ppl(test, best["lambda"], best["temperature"], best["k"]),
+                   test_base_ppl=perplexity(float(test.lm.sum()), len(test.lm)), test_tokens=int(len(test.lm)),
+                   test_paper_ppl=ppl(test, 0.25, 1.0, test.meta["k"]))
+    return out
+
+
+def plot(result: dict, out_dir: str) -> list[str]:
+    """ppl against λ for a few T (at the chosen k), and against k (at the chosen λ, T): PNG files."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    rows = result["table"]
+    k, T, lam = result["k"], result["temperature"], result["lambda"]
+    temps = sorted({r["temperature"] for r in rows})
+    show = sorted(set([T] + [t for t in temps if t in (1.0,)] + temps[:: max(1, len(temps) // 4)]))
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in show:
+        pts = sorted((r["lambda"], r["valid_ppl"]) for r in rows if r["k"] == k and r["temperature"] == t)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"T={t:g}" + (" (chosen)" if t == T else ""))
+    ax.axhline(result["valid_base_ppl"], color="gray", ls="--", label="base LM")
+    ax.scatter([lam], [result["valid_ppl"]], color="red", zorder=5, label=f"best: λ={lam:g}")
+    ax.set_xlabel("λ (weight of p_kNN)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"kNN-LM perplexity vs λ (k={k})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ppl_vs_lambda.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = sorted((r["k"], r["valid_ppl"]) for r in rows if r["lambda"] == lam and r["temperature"] == T)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    ax.axhline(result["valid_base_ppl"], color="gray", ls="--", label="base LM")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"kNN-LM perplexity vs k (λ={lam:g}, T={T:g})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "ppl_vs_k.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def record(datastore: str, result: dict) -> None:
+    """Store the chosen λ, T, k in the manifest (`knnlm.tuned`): `knnlm eval`'s defaults from then on."""
+    from builder.manifest import load_manifest, write_manifest
+    from cluster.storage import Storage
+    st = Storage.from_uri(datastore)
+    m = load_manifest(st)
+    keep = {k: result[k] for k in ("lambda", "temperature", "k", "valid_ppl", "valid_base_ppl", "valid_tokens",
+                                   "test_ppl", "test_base_ppl", "test_tokens") if k in result}
+    m.extra.setdefault("knnlm", {})["tuned"] = keep
+    write_manifest(st, m)

@@ -404,6 +404,99 @@ def _cmd_tune(a) -> int:
     return 0
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the kNN-LM (and, with --compare, without it)",
+                       description="Run model.generate() with a LogitsProcessor that replaces each step's "
+                                   "distribution by the kNN-LM's (retriever.generate.KNNLMLogitsProcessor).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="default: tuned, else 0.25")
+    p.add_argument("--temperature", type=float, default=None, help="kNN temperature T (default: tuned, else 1.0)")
+    p.add_argument("--k", type=int, default=None, help="default: tuned, else 1024")
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", action="store_true", help="also print the base LM's generation")
+    p.add_argument("--model", default=None, help="default: the manifest's model")
+    p.add_argument("--address", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(a) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from builder.manifest import load_manifest
+    from cluster.runtime import ray_session
+    from cluster.storage import Storage
+    from retriever.evaluate import EvalConfig, _check_model
+    from retriever.generate import KNNLMLogitsProcessor
+    from retriever.router import Retriever, find_servers, start_servers, stop_servers
+    st = Storage.from_uri(a.datastore)
+    m = load_manifest(st)
+    info = _check_model(EvalConfig(datastore=a.datastore, corpus=["-"], model=a.model), m)
+    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
+    lam = a.lam if a.lam is not None else tuned.get("lambda", 0.25)
+    temp = a.temperature if a.temperature is not None else tuned.get("temperature", 1.0)
+    k = a.k or tuned.get("k", 1024)
+    tok = AutoTokenizer.from_pretrained(info.path)
+    model = AutoModelForCausalLM.from_pretrained(info.path).eval()
+    ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.eos_token_id or 0)
+    with ray_session(a.address):
+        embedded = not find_servers(st.uri)
+        if embedded:
+            start_servers(st.uri, cache_dir=a.cache_dir, detached=False)
+        try:
+            proc = KNNLMLogitsProcessor(model, Retriever.connect(st.uri), m.key_layer, lam, temp, k, a.nprobe)
+            torch.manual_seed(a.seed)
+            out = model.generate(ids, logits_processor=[proc], **kw)
+            proc.remove()
+        finally:
+            if embedded:
+                stop_servers(st.uri)
+    print(f"kNN-LM (lambda={lam:g}, T={temp:g}, k={k}): {tok.decode(out[0])}")
+    if a.compare:
+        torch.manual_seed(a.seed)
+        print(f"base LM: {tok.decode(model.generate(ids, **kw)[0])}")
+    return 0
+
+
+def _add_neighbours(sub) -> None:
+    p = sub.add_parser("neighbours", help="show, for each position of a text, the retrieved neighbours and the "
+                                          "datastore context they come from",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("datastore", metavar="DATASTORE_URI")
+    p.add_argument("--text", required=True)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--context", type=int, default=24, help="datastore tokens shown before each neighbour's token")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--model", default=None)
+    p.add_argument("--address", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=_cmd_neighbours)
+
+
+def _cmd_neighbours(a) -> int:
+    from retriever.provenance import neighbours
+    rows = neighbours(a.datastore, a.text, k=a.k, nprobe=a.nprobe, context=a.context, model=a.model,
+                      address=a.address, cache_dir=a.cache_dir)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"[{r['position']}] {r['prefix']!r} -> {r['token']!r}")
+        for n in r["neighbours"]:
+            mark = "*" if n["matches"] else " "
+            print(f"   {mark}{n['rank']:>3} d={n['distance']:<10.4g} -> {n['next_token']!r:<12} doc {n['doc']} pos "
+                  f"{n['pos']}: ...{n['context'][-80:]!r}")
+    return 0
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a datastore's manifest summary (or the whole manifest with --json)")
     p.add_argument("datastore", metavar="DATASTORE_URI")
@@ -479,6 +572,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_query(sub)
     _add_eval(sub)
     _add_tune(sub)
+    _add_generate(sub)
+    _add_neighbours(sub)
     _add_info(sub)
     _add_verify(sub)
     return p

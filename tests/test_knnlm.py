@@ -189,3 +189,59 @@ def test_tune_from_cache_equals_eval_with_the_choice(ds, tmp_path, capsys):
     assert rec.knnlm_ppl == pytest.approx(res["valid_ppl"], rel=1e-9)
     assert main(["tune", "--valid", str(tmp_path / "nothing")]) == 2
     assert "is not a neighbour cache" in capsys.readouterr().err
+
+
+def test_knnlm_scores_is_the_interpolation_over_the_vocabulary():
+    from retriever.generate import knnlm_scores
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.normal(size=(2, 50)).astype(np.float32))
+    dist = np.sort(rng.random((2, 6)) * 5, axis=1).astype(np.float32)
+    values = np.array([[3, 7, 3, 9, -1, 1], [4, 4, 4, 2, 0, 49]])
+    dist[0, 4] = np.inf
+    out = knnlm_scores(scores, dist, values, 0.3, 2.0)
+    assert torch.allclose(out.double().exp().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    lm = torch.log_softmax(scores.double(), -1).numpy()
+    for y in (3, 7, 9, 4, 11):
+        t = np.array([y, y])
+        want = interpolate(lm[:, y], knn_log_probs(dist, values, t, 2.0), 0.3)
+        np.testing.assert_allclose(out[:, y].numpy(), want, rtol=1e-5)
+    assert torch.equal(knnlm_scores(scores, dist, values, 0.0, 2.0), torch.log_softmax(scores.double(), -1).float())
+
+
+def test_generation_and_provenance(ds, gpt2_model, tmp_path, capsys):
+    from cluster.cli import main
+    from retriever import Retriever, start_servers, stop_servers
+    from retriever.generate import KNNLMLogitsProcessor
+    from retriever.provenance import neighbours
+    _, out, _ = ds
+    tok = AutoTokenizer.from_pretrained(gpt2_model)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_model).eval()
+    prompt = "In 1998 the river flooded the"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    start_servers(out, cache_dir=str(tmp_path / "srv"), detached=False)
+    try:
+        r = Retriever.connect(out)
+        base = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        p0 = KNNLMLogitsProcessor(model, r, "ffn_input", lam=0.0, k=8, nprobe=4)
+        same = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, logits_processor=[p0])
+        p0.remove()
+        assert torch.equal(base, same)                                   # lambda = 0: the base LM exactly
+        p1 = KNNLMLogitsProcessor(model, r, "ffn_input", lam=0.99, temperature=0.1, k=8, nprobe=4)
+        knn = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, logits_processor=[p1])
+        p1.remove()
+        # the datastore holds this very text: the kNN-LM continues it as written
+        assert tok.decode(knn[0, ids.shape[1]:]) == " valley, and 3,"
+    finally:
+        stop_servers(out)
+    rows = neighbours(out, "In 1998 the river flooded the valley", k=4, nprobe=4, cache_dir=str(tmp_path / "srv"))
+    assert [r["position"] for r in rows] == list(range(1, len(rows) + 1))
+    top = rows[-1]["neighbours"][0]          # the datastore holds this text: its own key, distance 0
+    assert top["matches"] and top["next_token"] == rows[-1]["token"] and top["distance"] < 1e-3
+    assert top["doc"] == 2 and top["context"] == rows[-1]["prefix"] and top["pos"] == len(rows)
+    assert main(["neighbours", out, "--text", "The quick brown fox", "--k", "2", "--nprobe", "4", "--json",
+                 "--cache-dir", str(tmp_path / "srv")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["neighbours"][0]["context"] == "The"
+    assert main(["generate", out, "--prompt", prompt, "--max-new-tokens", "4", "--k", "8", "--nprobe", "4",
+                 "--compare", "--cache-dir", str(tmp_path / "srv")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(prompt) == 2 and "kNN-LM (lambda=0.25" in printed

@@ -1,0 +1,110 @@
+"""`knnlm neighbours`: where the kNN-LM's evidence comes from.
+
+For each position of a text, the retrieved neighbours with their distance, the next token they
+vote for, and the datastore context they come from: the document and position stored in the
+shards' `doc`/`pos` columns, decoded from the tokens the build stored under `tokens/`.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from builder.layout import tokens_path
+from builder.manifest import Manifest
+
+
+def read_rows(storage, m: Manifest, ids: np.ndarray, columns: tuple[str, ...] = ("doc", "pos", "value")) -> dict:
+    """Columns of the rows with these global ids (any order): {column: (n,) array}, reading only the row
+    groups that hold them (ranged reads on S3)."""
+    from builder.sample import row_groups
+    from builder.shards import open_shard, read_row_group
+    rg = row_groups(m)
+    ids = np.asarray(ids, np.int64)
+    g = np.searchsorted(rg.first_id, ids, side="right") - 1
+    out = {c: np.zeros(len(ids), np.int64) for c in columns}
+    files: dict = {}
+    for grp in np.unique(g):
+        s = m.shards[int(rg.shard[grp])]
+        pf = files.setdefault(int(rg.shard[grp]), open_shard(storage, s, m.dim))
+        got = read_row_group(pf, storage, s, int(rg.group[grp]), int(rg.num_rows[grp]), m.dim, columns)
+        sel = np.flatnonzero(g == grp)
+        for c in columns:
+            out[c][sel] = got[c][ids[sel] - rg.first_id[grp]]
+    return out
+
+
+class ContextReader:
+    """Tokens before (and at) a stored (doc, pos), from the build's tokens/ files."""
+
+    def __init__(self, storage, m: Manifest):
+        self.storage, self.m = storage, m
+        self.metas = [json.loads(storage.read_text(tokens_path(i).replace(".bin", ".json")))
+                      for i in range(len(m.corpus.get("files", [])))]
+        self.doc_base = np.cumsum([0] + [mt["num_records"] for mt in self.metas])
+
+    def tokens(self, doc: int, pos: int, before: int) -> tuple[np.ndarray, int]:
+        """(tokens [pos - before, pos], index of the token at pos in them)."""
+        if self.m.mode == "stream":
+            f, seq = int(doc), 0
+        else:
+            f = int(np.searchsorted(self.doc_base, doc, side="right") - 1)
+            seq = self.metas[f]["seq_records"].index(int(doc - self.doc_base[f]))
+        offset = int(sum(self.metas[f]["seq_lengths"][:seq]))
+        lo = max(0, pos - before)
+        raw = self.storage.read_range(tokens_path(f), 4 * (offset + lo), 4 * (offset + pos + 1))
+        return np.frombuffer(raw, dtype="<i4"), pos - lo
+
+
+def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context: int = 24, model: str | None = None,
+               address: str | None = None, cache_dir: str | None = None) -> list[dict]:
+    """[{position, token, neighbours: [{rank, distance, id, value, next_token, doc, pos, context}]}] for every
+    token of `text` after the first."""
+    from transformers import AutoTokenizer
+
+    from builder.keys import load_encoder
+    from builder.manifest import load_manifest
+    from cluster.runtime import ray_session
+    from cluster.storage import Storage
+    from retriever.evaluate import EvalConfig, EvalError, _check_model, plan_chunks, score_windows
+    from retriever.router import Retriever, find_servers, start_servers, stop_servers
+    st = Storage.from_uri(datastore)
+    m = load_manifest(st)
+    if not m.index_shards:
+        raise EvalError(f"{st.uri} has no index: run `knnlm train-index` and `knnlm add` first")
+    info = _check_model(EvalConfig(datastore=datastore, corpus=["-"], model=model), m)
+    tok = AutoTokenizer.from_pretrained(info.path)
+    ids = np.array(tok(text)["input_ids"], dtype=np.int32)
+    if len(ids) < 2:
+        raise EvalError("--text: needs at least 2 tokens")
+    enc = load_encoder(info.path, m.key_layer, "cpu", m.compute_dtype)
+    q, _, tgt = score_windows([w for c in plan_chunks([ids], m.window, m.min_context) for w in c.windows], enc)
+    with ray_session(address):
+        embedded = not find_servers(st.uri)
+        if embedded:
+            start_servers(st.uri, cache_dir=cache_dir, detached=False)
+        try:
+            res = Retriever.connect(st.uri).search(q.astype(np.float32), k=k, nprobe=nprobe)
+        finally:
+            if embedded:
+                stop_servers(st.uri)
+    ok = res.ids >= 0
+    rows = read_rows(st, m, res.ids[ok])
+    doc = np.full(res.ids.shape, -1, np.int64)
+    pos = np.full(res.ids.shape, -1, np.int64)
+    doc[ok], pos[ok] = rows["doc"], rows["pos"]
+    ctx = ContextReader(st, m)
+    out = []
+    for t in range(len(q)):
+        nbs = []
+        for j in range(k):
+            if res.ids[t, j] < 0:
+                continue
+            toks, at = ctx.tokens(int(doc[t, j]), int(pos[t, j]), context)
+            nbs.append({"rank": j + 1, "distance": float(res.dist[t, j]), "id": int(res.ids[t, j]),
+                        "value": int(res.values[t, j]), "next_token": tok.decode([int(res.values[t, j])]),
+                        "doc": int(doc[t, j]), "pos": int(pos[t, j]),
+                        "context": tok.decode(toks[:at].tolist()), "matches": bool(res.values[t, j] == tgt[t])})
+        out.append({"position": t + 1, "token": tok.decode([int(tgt[t])]), "prefix": tok.decode(ids[:t + 1].tolist()),
+                    "neighbours": nbs})
+    return out

@@ -120,6 +120,8 @@ class EvalWorkerImpl:
 
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
             batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
+        from builder.faults import maybe_fault
+        maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it and retries
         t0 = time.perf_counter()
         q, lm, tgt = score_windows(windows, self.encoder, batch_size)
         t1 = time.perf_counter()

@@ -81,7 +81,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         train_stage(TrainConfig(datastore=ds, index_factory=a.factory, train_size=a.train_size, trainer="faiss"))
         figures["train_index_seconds"] = time.perf_counter() - t
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        started = not ray.is_initialized()           # reuse a running Ray (e.g. a test session's)
+        if started:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         t = time.perf_counter()
         add_stage(AddConfig(datastore=ds, index_shards=2, encoder="faiss"))
         figures["add_seconds"] = time.perf_counter() - t
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
         n = sum(len(score_windows(c.windows, enc, 8)[1]) for c in chunks)
         base_s = time.perf_counter() - t
         stop_servers(ds)
-        ray.shutdown()
+        if started:
+            ray.shutdown()
         figures.update(paper_settings=evals, tuned=tuned, test_tuned=final,
                        throughput={"base_lm_tokens_per_s": n / base_s,
                                    "knnlm_tokens_per_s": final["ivfpq"]["tokens_per_s"],

@@ -430,11 +430,10 @@ def _cmd_generate(a) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from builder.manifest import load_manifest
-    from cluster.runtime import ray_session
     from cluster.storage import Storage
     from retriever.evaluate import EvalConfig, _check_model
     from retriever.generate import KNNLMLogitsProcessor
-    from retriever.router import Retriever, find_servers, start_servers, stop_servers
+    from retriever.router import Retriever, serving
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)
     info = _check_model(EvalConfig(datastore=a.datastore, corpus=["-"], model=a.model), m)
@@ -446,18 +445,11 @@ def _cmd_generate(a) -> int:
     model = AutoModelForCausalLM.from_pretrained(info.path).eval()
     ids = tok(a.prompt, return_tensors="pt")["input_ids"]
     kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.eos_token_id or 0)
-    with ray_session(a.address):
-        embedded = not find_servers(st.uri)
-        if embedded:
-            start_servers(st.uri, cache_dir=a.cache_dir, detached=False)
-        try:
-            proc = KNNLMLogitsProcessor(model, Retriever.connect(st.uri), m.key_layer, lam, temp, k, a.nprobe)
-            torch.manual_seed(a.seed)
-            out = model.generate(ids, logits_processor=[proc], **kw)
-            proc.remove()
-        finally:
-            if embedded:
-                stop_servers(st.uri)
+    with serving(st.uri, a.address, cache_dir=a.cache_dir):
+        proc = KNNLMLogitsProcessor(model, Retriever.connect(st.uri), m.key_layer, lam, temp, k, a.nprobe)
+        torch.manual_seed(a.seed)
+        out = model.generate(ids, logits_processor=[proc], **kw)
+        proc.remove()
     print(f"kNN-LM (lambda={lam:g}, T={temp:g}, k={k}): {tok.decode(out[0])}")
     if a.compare:
         torch.manual_seed(a.seed)

@@ -240,9 +240,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     from builder.corpus import detect_format, tokenize_file
     from builder.manifest import load_manifest
-    from cluster.runtime import cluster_resources, ray_session
+    from cluster.runtime import cluster_resources
     from cluster.storage import Storage, expand_inputs, read_uri
-    from retriever.router import find_servers, start_servers, stop_servers
+    from retriever.router import serving
 
     t0 = time.perf_counter()
     st = Storage.from_uri(cfg.datastore)
@@ -283,51 +283,41 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise EvalError(f"--corpus {', '.join(cfg.corpus)}: no token to score (empty text, or documents shorter "
                         "than 2 tokens)")
 
-    with ray_session(cfg.address):
-        embedded = not find_servers(st.uri)
-        if embedded:
-            if cfg.address:
-                raise EvalError(f"no index servers of {st.uri} run on {cfg.address}: start them with "
-                                f"`knnlm serve {st.uri} --address {cfg.address}`" + (" --rerank" if cfg.rerank else ""))
-            start_servers(st.uri, rerank=cfg.rerank, cache_dir=cfg.cache_dir, detached=False)
+    with serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir):
+        cpus, gpus = cluster_resources()
+        use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
+        workers = cfg.workers or (gpus if use_gpu else 1)
+        threads = cfg.threads or max(1, cpus // workers)
+        compute_dtype = m.compute_dtype if not use_gpu else "auto"
+        actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
+                                                   max_restarts=2, max_task_retries=2)
+        pool = [actor.remote(info.path, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
+                for _ in range(min(workers, len(chunks)))]
+        results: dict[int, dict] = {}
+        queue = list(chunks)
+        inflight: dict = {}
         try:
-            cpus, gpus = cluster_resources()
-            use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
-            workers = cfg.workers or (gpus if use_gpu else 1)
-            threads = cfg.threads or max(1, cpus // workers)
-            compute_dtype = m.compute_dtype if not use_gpu else "auto"
-            actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
-                                                       max_restarts=2, max_task_retries=2)
-            pool = [actor.remote(info.path, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
-                    for _ in range(min(workers, len(chunks)))]
-            results: dict[int, dict] = {}
-            queue = list(chunks)
-            inflight: dict = {}
-            try:
-                while queue or inflight:
-                    for w in pool:
-                        if queue and sum(1 for v in inflight.values() if v[1] is w) == 0:
-                            c = queue.pop(0)
-                            ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                               cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
-                            inflight[ref] = (c, w)
-                    done, _ = ray.wait(list(inflight), num_returns=1)
-                    for ref in done:
-                        c, _w = inflight.pop(ref)
-                        try:
-                            results[c.id] = ray.get(ref)
-                        except Exception as e:
-                            from cluster.runtime import unwrap_task_error
-                            from retriever.router import RetrieverError
-                            from retriever.server import RequestError
-                            raise unwrap_task_error(e, f"evaluation chunk {c.id}",
-                                                    (RetrieverError, RequestError, ValueError), EvalError) from None
-            finally:
+            while queue or inflight:
                 for w in pool:
-                    ray.kill(w)
+                    if queue and sum(1 for v in inflight.values() if v[1] is w) == 0:
+                        c = queue.pop(0)
+                        ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                           cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
+                        inflight[ref] = (c, w)
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in done:
+                    c, _w = inflight.pop(ref)
+                    try:
+                        results[c.id] = ray.get(ref)
+                    except Exception as e:
+                        from cluster.runtime import unwrap_task_error
+                        from retriever.router import RetrieverError
+                        from retriever.server import RequestError
+                        raise unwrap_task_error(e, f"evaluation chunk {c.id}",
+                                                (RetrieverError, RequestError, ValueError), EvalError) from None
         finally:
-            if embedded:
-                stop_servers(st.uri)
+            for w in pool:
+                ray.kill(w)
     order = sorted(results)
     lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
     mix = np.concatenate([results[i]["knnlm"] for i in order])

@@ -64,10 +64,9 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
 
     from builder.keys import load_encoder
     from builder.manifest import load_manifest
-    from cluster.runtime import ray_session
     from cluster.storage import Storage
     from retriever.evaluate import EvalConfig, EvalError, _check_model, plan_chunks, score_windows
-    from retriever.router import Retriever, find_servers, start_servers, stop_servers
+    from retriever.router import Retriever, serving
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     if not m.index_shards:
@@ -79,15 +78,8 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
         raise EvalError("--text: needs at least 2 tokens")
     enc = load_encoder(info.path, m.key_layer, "cpu", m.compute_dtype)
     q, _, tgt = score_windows([w for c in plan_chunks([ids], m.window, m.min_context) for w in c.windows], enc)
-    with ray_session(address):
-        embedded = not find_servers(st.uri)
-        if embedded:
-            start_servers(st.uri, cache_dir=cache_dir, detached=False)
-        try:
-            res = Retriever.connect(st.uri).search(q.astype(np.float32), k=k, nprobe=nprobe)
-        finally:
-            if embedded:
-                stop_servers(st.uri)
+    with serving(st.uri, address, cache_dir=cache_dir):
+        res = Retriever.connect(st.uri).search(q.astype(np.float32), k=k, nprobe=nprobe)
     ok = res.ids >= 0
     rows = read_rows(st, m, res.ids[ok])
     doc = np.full(res.ids.shape, -1, np.int64)

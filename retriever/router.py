@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,6 +172,25 @@ def server_status(uri: str, timeout: float = 10.0) -> list[dict]:
         if s not in found:
             rows.append({"shard": s, "replica": None, "healthy": False, "error": "no server running"})
     return sorted(rows, key=lambda x: (x["shard"], x["replica"] if x["replica"] is not None else -1))
+
+
+@contextmanager
+def serving(uri: str, address: str | None = None, rerank: bool = False, cache_dir: str | None = None):
+    """Ray connected (an embedded one unless `address`) and the datastore's servers running for the
+    block: the cluster's own, or, where none run, embedded ones started here and stopped after."""
+    from cluster.runtime import ray_session
+    with ray_session(address):
+        embedded = not find_servers(uri)
+        if embedded:
+            if address:
+                raise RetrieverError(f"no index servers of {uri} run on {address}: start them with "
+                                     f"`knnlm serve {uri} --address {address}`" + (" --rerank" if rerank else ""))
+            start_servers(uri, rerank=rerank, cache_dir=cache_dir, detached=False)
+        try:
+            yield
+        finally:
+            if embedded:
+                stop_servers(uri)
 
 
 # ---------------------------------------------------------------------------------------------

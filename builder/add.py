@@ -15,7 +15,6 @@ that a rerun skips; a retried shard overwrites its unlisted file with the same c
 """
 from __future__ import annotations
 
-import bisect
 import concurrent.futures as cf
 import json
 import logging
@@ -29,12 +28,12 @@ import numpy as np
 
 from builder.config import AddConfig, ConfigError
 from builder.faults import maybe_fault
-from builder.index import Encoder, file_sha256, index_to_bytes, resolve_backend, sha256
+from builder.index import Encoder, file_sha256, index_to_bytes, resolve_backend
 from builder.layout import (ADD_REQUEST, INDEX_LEASE, MERGED_INDEX, MERGED_IVFDATA, index_shard_path,
                             index_shard_record_path)
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
-from builder.shards import ShardError, load_shard, read_row_group
+from builder.shards import ShardError, checksum, load_shard, read_row_group
 from builder.train import IndexBuildError, load_trained_index
 from cluster.storage import NotFound, Storage, StorageError
 
@@ -69,13 +68,11 @@ def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch
 def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tuple[str, ...] = ("key",),
                prefetch: bool = True) -> Iterator[tuple[np.ndarray, object]]:
     """Like iter_key_range, for any shard columns: (ids, keys) for ("key",), else (ids, {column: array})."""
-    from builder.sample import row_group_rows
-    rgr = row_group_rows(m)
+    from builder.sample import row_groups
+    rg = row_groups(m)                                     # the layout sampling uses too
     last = first + num
-    starts = [s["first_id"] for s in m.shards]
-    i0 = max(0, bisect.bisect_right(starts, first) - 1)
-    todo = [i for i in range(i0, len(m.shards)) if m.shards[i]["first_id"] < last]
-    todo = [i for i in todo if m.shards[i]["first_id"] + m.shards[i]["num_rows"] > first]
+    sel = np.flatnonzero((rg.first_id < last) & (rg.first_id + rg.num_rows > first))  # groups, id order
+    todo = list(dict.fromkeys(rg.shard[sel].tolist()))     # their shards, in order
     pool = cf.ThreadPoolExecutor(1, thread_name_prefix="knnlm-prefetch") if prefetch else None
     load = (lambda i: load_shard(storage, m.shards[i], m.dim))
     nxt = pool.submit(load, todo[0]) if pool and todo else None
@@ -83,14 +80,10 @@ def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tup
         for k, i in enumerate(todo):
             pf = nxt.result() if pool else load(i)
             nxt = pool.submit(load, todo[k + 1]) if pool and k + 1 < len(todo) else None
-            s = m.shards[i]
-            for g in range(-(-s["num_rows"] // rgr)):
-                a = s["first_id"] + g * rgr                      # global id of the group's first row
-                rows = min(rgr, s["num_rows"] - g * rgr)
+            for g in sel[rg.shard[sel] == i]:
+                a, rows = int(rg.first_id[g]), int(rg.num_rows[g])   # global id of its first row, its size
                 lo, hi = max(a, first), min(a + rows, last)
-                if lo >= hi:
-                    continue
-                got = read_row_group(pf, storage, s, g, rows, m.dim, columns)
+                got = read_row_group(pf, storage, m.shards[i], int(rg.group[g]), rows, m.dim, columns)
                 sl = slice(lo - a, hi - a)
                 yield np.arange(lo, hi, dtype=np.int64), (got[sl] if columns == ("key",) else
                                                           {c: v[sl] for c, v in got.items()})
@@ -148,7 +141,7 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
     data = index_to_bytes(index)
     path = index_shard_path(i, n)
     storage.write_bytes(path, data)
-    rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": len(data), "checksum": sha256(data),
+    rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": len(data), "checksum": checksum(data),
            "index_checksum": m.index["checksum"], "encoder": backend, "device": device,
            "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_text(index_shard_record_path(i), json.dumps(rec))

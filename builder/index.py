@@ -289,10 +289,6 @@ def index_from_bytes(data: bytes):
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -20,11 +20,12 @@ import numpy as np
 
 from builder.config import ConfigError, TrainConfig
 from builder.index import (check_factory, check_train_size, index_to_bytes, quantization_error, resolve_backend,
-                           sha256, train_index)
+                           train_index)
 from builder.layout import INDEX_LEASE
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, package_versions, write_manifest
 from builder.sample import sample_checksum, sample_keys
+from builder.shards import checksum
 from cluster.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,12 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
         t_done = time.perf_counter()
         qerr = quantization_error(index, x[:: max(1, len(x) // QERR_KEYS)][:QERR_KEYS])
         data = index_to_bytes(index)
-        checksum = sha256(data)
-        path = f"index/trained-{checksum.split(':')[1][:12]}.faiss"
+        index_checksum = checksum(data)
+        path = f"index/trained-{index_checksum.split(':')[1][:12]}.faiss"
         storage.write_bytes(path, data)
         old = index_artifacts(m)
         m.index = want | {
-            "path": path, "sample_checksum": digest, "checksum": checksum, "bytes": len(data), "dim": m.dim,
+            "path": path, "sample_checksum": digest, "checksum": index_checksum, "bytes": len(data), "dim": m.dim,
             "nlist": info.nlist, "code_size": info.code_size, "trainer": backend, "device": device,
             "quantization": {k: round(v, 6) for k, v in qerr.items()},
             "seconds": {"sample": round(t_train - t_sample, 2), "train": round(t_done - t_train, 2)},
@@ -180,7 +181,7 @@ def load_trained_index(storage: Storage, m: Manifest):
     except NotFound:
         raise IndexBuildError(f"{storage.url(m.index['path'])}, the trained index the manifest lists, is missing: "
                               f"rerun `knnlm train-index {storage.uri} --force`") from None
-    if sha256(data) != m.index["checksum"]:
+    if checksum(data) != m.index["checksum"]:
         raise IndexBuildError(f"{storage.url(m.index['path'])} does not match the manifest's checksum (corrupted or "
                               f"replaced): rerun `knnlm train-index {storage.uri} --force`")
     index = index_from_bytes(data)

@@ -265,26 +265,17 @@ def _cmd_query(a) -> int:
     import numpy as np
 
     from builder.config import ConfigError
-
-    from cluster.runtime import connect_ray, ray_session
-    from retriever.router import Retriever, start_servers, stop_servers
+    from retriever.router import Retriever, serving
     try:
         q = np.load(a.queries, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--queries {a.queries}: cannot read a numpy array ({e})") from None
     if a.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer (got {a.batch_size})")
-    embedded = a.address is None
-    with ray_session(None) if embedded else _connected(a.address, connect_ray):
-        if embedded:
-            start_servers(a.datastore, rerank=a.rerank, cache_dir=a.cache_dir, detached=False)
-        try:
-            r = Retriever.connect(a.datastore)
-            parts = [r.search(q[i:i + a.batch_size], a.k, a.nprobe, rerank=a.rerank, allow_partial=a.allow_partial)
-                     for i in range(0, max(len(q), 1), a.batch_size)]
-        finally:
-            if embedded:
-                stop_servers(a.datastore)
+    with serving(a.datastore, a.address, a.rerank, a.cache_dir):
+        r = Retriever.connect(a.datastore)
+        parts = [r.search(q[i:i + a.batch_size], a.k, a.nprobe, rerank=a.rerank, allow_partial=a.allow_partial)
+                 for i in range(0, max(len(q), 1), a.batch_size)]
     missing = sorted({s for p in parts for s in p.missing_shards})
     np.savez(a.out, dist=np.concatenate([p.dist for p in parts]), ids=np.concatenate([p.ids for p in parts]),
              values=np.concatenate([p.values for p in parts]), partial=bool(missing),
@@ -292,24 +283,6 @@ def _cmd_query(a) -> int:
     print(f"{len(q):,} queries, k={a.k}, nprobe={a.nprobe}: wrote {a.out}" +
           (f" (PARTIAL: shards {missing} did not answer)" if missing else ""))
     return 0
-
-
-class _connected:
-    """Connect to a cluster for the duration of a command (without shutting it down)."""
-
-    def __init__(self, address, connect):
-        self.address, self.connect = address, connect
-
-    def __enter__(self):
-        import ray
-        self.started = not ray.is_initialized()
-        if self.started:
-            self.connect(self.address)
-
-    def __exit__(self, *exc):
-        import ray
-        if self.started:
-            ray.shutdown()
 
 
 def _add_eval(sub) -> None:

@@ -404,15 +404,11 @@ class S3Storage(Storage):
         return int(r["ContentLength"])
 
     def exists(self, rel: str) -> bool:
-        from botocore.exceptions import ClientError
         try:
-            with_retries(lambda: s3_client().head_object(Bucket=self.bucket, Key=self._k(rel)),
-                         f"stat {self.url(rel)}")
+            self.size(rel)                 # one HEAD, with its errors
             return True
-        except ClientError as e:
-            if _s3_code(e) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise StorageError(f"cannot stat {self.url(rel)}: {_s3_code(e)}") from e
+        except NotFound:
+            return False
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._k(prefix)

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from builder.layout import tokens_path
+from builder.layout import tokens_meta_path, tokens_path
 from builder.manifest import Manifest
 
 
@@ -39,7 +39,7 @@ class ContextReader:
 
     def __init__(self, storage, m: Manifest):
         self.storage, self.m = storage, m
-        self.metas = [json.loads(storage.read_text(tokens_path(i).replace(".bin", ".json")))
+        self.metas = [json.loads(storage.read_text(tokens_meta_path(i)))
                       for i in range(len(m.corpus.get("files", [])))]
         self.doc_base = np.cumsum([0] + [mt["num_records"] for mt in self.metas])
 

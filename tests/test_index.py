@@ -12,10 +12,10 @@ import pytest
 
 from builder.add import add_stage, iter_key_range, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
-from builder.index import (add_batches, check_factory, check_train_size, ivf_contents, sha256)
+from builder.index import add_batches, check_factory, check_train_size, ivf_contents
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.sample import RowGroups, plan_sample, row_groups, sample_keys
-from builder.shards import ShardError, read_shard
+from builder.shards import ShardError, checksum, read_shard
 from builder.synthetic import write_synthetic_datastore
 from builder.train import IndexBuildError, load_trained_index, train_stage
 from cluster.storage import Storage
@@ -168,7 +168,7 @@ def test_train_index_records_manifest_and_reruns(synth, tmp_path):
     import faiss
     index = faiss.read_index(os.path.join(uri, ix["path"]))        # a plain FAISS file
     assert index.is_trained and index.ntotal == 0 and index.d == DIM
-    assert sha256(open(os.path.join(uri, ix["path"]), "rb").read()) == ix["checksum"]
+    assert checksum(open(os.path.join(uri, ix["path"]), "rb").read()) == ix["checksum"]
     assert "trained" in res.summary()
     # same settings: nothing to do; the same sample on a copy (reproducible from the seed)
     again = train_stage(tcfg(uri))
@@ -232,7 +232,7 @@ def test_distributed_add_equals_single_process(trained, tmp_path, factory, ray_c
     assert [(s["first_id"], s["num_ids"]) for s in m.index_shards] == plan_ranges(12000, 3)
     for s in m.index_shards:
         assert set(s) >= {"path", "first_id", "num_ids", "bytes", "checksum"}
-        assert sha256(st.read_bytes(s["path"])) == s["checksum"] and os.path.getsize(os.path.join(uri, s["path"])) == s["bytes"]
+        assert checksum(st.read_bytes(s["path"])) == s["checksum"] and os.path.getsize(os.path.join(uri, s["path"])) == s["bytes"]
     assert res.shards_run == 3 and "added 12,000 ids" in res.summary()
     # single process, same trained index, every key in one add
     single = add_batches(load_trained_index(st, m), [(np.arange(12000), all_keys(uri))])
@@ -402,7 +402,7 @@ def test_errors_are_clear(trained, tmp_path, ray_cluster):
     other.train(x)
     data = index_to_bytes(other)
     open(p, "wb").write(data)
-    m.index["checksum"] = sha256(data)
+    m.index["checksum"] = checksum(data)
     write_manifest(st, m)
     with pytest.raises(ManifestError, match="dim 16, but the datastore's keys have dim 32"):
         add_stage(acfg(uri))
@@ -410,7 +410,7 @@ def test_errors_are_clear(trained, tmp_path, ray_cluster):
     other.train(np.random.default_rng(0).standard_normal((2000, DIM)).astype(np.float32))
     data = index_to_bytes(other)
     open(p, "wb").write(data)
-    m.index["checksum"] = sha256(data)
+    m.index["checksum"] = checksum(data)
     write_manifest(st, m)
     with pytest.raises(ManifestError, match="uses metric ip, the manifest says l2"):
         add_stage(acfg(uri))

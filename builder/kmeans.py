@@ -305,18 +305,11 @@ def kmeans(x: torch.Tensor, k: int, niter: int = 25, seed: int = 1234, max_point
     given seed and device. `spherical`: unit-norm centroids, assignment by inner product.
     """
     _check_float_tensor(x, 2, "kmeans")
-    n = x.shape[0]
-    if n < k:
-        raise ValueError(f"k-means with k={k} needs at least {k} training points, got {n}")
-    keep = _subsample(n, k * max_points_per_centroid, seed)
-    if keep is not None:
-        x = x.index_select(0, torch.from_numpy(keep).to(x.device))
-    with _exact_fp32(), torch.no_grad():
-        return _lloyd(x.unsqueeze(0), k, niter, seed, spherical, spherical, x.device, nredo)[0]
+    return kmeans_batched(x.unsqueeze(0), k, niter, seed, max_points_per_centroid, spherical, nredo)[0]
 
 
 def kmeans_batched(x: torch.Tensor, k: int, niter: int = 25, seed: int = 1234,
-                   max_points_per_centroid: int = 256, spherical: bool = False) -> torch.Tensor:
+                   max_points_per_centroid: int = 256, spherical: bool = False, nredo: int = 1) -> torch.Tensor:
     """M independent k-means at once (the sub-spaces of a product quantizer), batched matmuls.
 
     x: (M, n, dsub) → (M, k, dsub) float32 on x.device; sub-space m gives what kmeans(x[m]) gives
@@ -330,7 +323,7 @@ def kmeans_batched(x: torch.Tensor, k: int, niter: int = 25, seed: int = 1234,
     if keep is not None:
         x = x.index_select(1, torch.from_numpy(keep).to(x.device))
     with _exact_fp32(), torch.no_grad():
-        return _lloyd(x, k, niter, seed, spherical, spherical, x.device)
+        return _lloyd(x, k, niter, seed, spherical, spherical, x.device, nredo)
 
 
 # ------------------------------------------------------------------ faiss index plumbing

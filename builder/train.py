@@ -57,15 +57,6 @@ class TrainResult:
                 f"(sample {ix['seconds']['sample']:.1f}s, train {ix['seconds']['train']:.1f}s): {ix['path']}")
 
 
-def index_artifacts(m: Manifest) -> list[str]:
-    """Paths the manifest's index sections point at."""
-    paths = [m.index["path"]] if m.index else []
-    paths += [s["path"] for s in m.index_shards or []]
-    if m.index_merged:
-        paths += [m.index_merged["path"], m.index_merged["ivfdata"]]
-    return paths
-
-
 def drop_index_files(storage: Storage, keep: set[str]) -> int:
     """Delete everything under index/ and _index/ (but the lease) that is not in `keep`."""
     n = 0
@@ -130,7 +121,7 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
         index_checksum = checksum(data)
         path = f"index/trained-{index_checksum.split(':')[1][:12]}.faiss"
         storage.write_bytes(path, data)
-        old = index_artifacts(m)
+        retrained = m.index is not None
         m.index = want | {
             "path": path, "sample_checksum": digest, "checksum": index_checksum, "bytes": len(data), "dim": m.dim,
             "nlist": info.nlist, "code_size": info.code_size, "trainer": backend, "device": device,
@@ -142,7 +133,7 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
         lease.check()  # fencing: only the lease holder commits
         write_manifest(storage, m)
         dropped = drop_index_files(storage, {path})
-        if old:
+        if retrained:
             log.info("retrained: dropped the old index and %d files built from it", dropped)
     log.info("index quantization error on %d sampled keys: coarse %.4g, reconstruction %.4g (mean |x|^2 %.4g)",
              min(len(x), QERR_KEYS), qerr["coarse_mse"], qerr["reconstruction_mse"], qerr["mean_sq_norm"])

@@ -404,12 +404,12 @@ def _cmd_generate(a) -> int:
 
     from builder.manifest import load_manifest
     from cluster.storage import Storage
-    from retriever.evaluate import EvalConfig, _check_model
+    from retriever.evaluate import check_model
     from retriever.generate import KNNLMLogitsProcessor
     from retriever.router import Retriever, serving
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)
-    info = _check_model(EvalConfig(datastore=a.datastore, corpus=["-"], model=a.model), m)
+    info = check_model(a.model, m)
     tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
     lam = a.lam if a.lam is not None else tuned.get("lambda", 0.25)
     temp = a.temperature if a.temperature is not None else tuned.get("temperature", 1.0)

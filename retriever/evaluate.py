@@ -216,9 +216,11 @@ class EvalResult:
         return "\n".join(f"{a:<16} {b:>12}" for a, b in rows)
 
 
-def _check_model(cfg: EvalConfig, m) -> "object":
+def check_model(model: str | None, m) -> "object":
+    """The ModelInfo of `model` (default: the manifest's), refused unless it is the model, tokenizer and
+    key module that built the datastore."""
     from builder.modelinfo import ModelError, inspect_model
-    model = cfg.model or m.model.get("path") or m.model["name"]
+    model = model or m.model.get("path") or m.model["name"]
     try:
         info = inspect_model(model, m.key_layer)
     except ModelError as e:
@@ -253,7 +255,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if mode != m.mode:
         raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
                         f"{'cross' if m.mode == 'stream' else 'do not cross'} documents); evaluate in the same mode")
-    info = _check_model(cfg, m)
+    info = check_model(cfg.model, m)
     tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
     lam = cfg.lam if cfg.lam is not None else tuned.get("lambda", PAPER_LAMBDA)
     temperature = cfg.temperature if cfg.temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE)

@@ -65,13 +65,13 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
     from builder.keys import load_encoder
     from builder.manifest import load_manifest
     from cluster.storage import Storage
-    from retriever.evaluate import EvalConfig, EvalError, _check_model, plan_chunks, score_windows
+    from retriever.evaluate import EvalError, check_model, plan_chunks, score_windows
     from retriever.router import Retriever, serving
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     if not m.index_shards:
         raise EvalError(f"{st.uri} has no index: run `knnlm train-index` and `knnlm add` first")
-    info = _check_model(EvalConfig(datastore=datastore, corpus=["-"], model=model), m)
+    info = check_model(model, m)
     tok = AutoTokenizer.from_pretrained(info.path)
     ids = np.array(tok(text)["input_ids"], dtype=np.int32)
     if len(ids) < 2:

@@ -62,12 +62,13 @@ def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch
     """(ids (b,) int64, keys (b, dim) float16) batches of one row group each, covering global ids
     [first, first+num) in order. Key shards are read whole, checked against their manifest
     checksum, one ahead of the one being consumed."""
-    yield from iter_range(storage, m, first, num, ("key",), prefetch)
+    for ids, cols in iter_range(storage, m, first, num, ("key",), prefetch):
+        yield ids, cols["key"]
 
 
 def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tuple[str, ...] = ("key",),
-               prefetch: bool = True) -> Iterator[tuple[np.ndarray, object]]:
-    """Like iter_key_range, for any shard columns: (ids, keys) for ("key",), else (ids, {column: array})."""
+               prefetch: bool = True) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Like iter_key_range, for any shard columns: (ids, {column: array}) batches."""
     from builder.sample import row_groups
     rg = row_groups(m)                                     # the layout sampling uses too
     last = first + num
@@ -83,10 +84,9 @@ def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tup
             for g in sel[rg.shard[sel] == i]:
                 a, rows = int(rg.first_id[g]), int(rg.num_rows[g])   # global id of its first row, its size
                 lo, hi = max(a, first), min(a + rows, last)
-                got = read_row_group(pf, storage, m.shards[i], int(rg.group[g]), rows, m.dim, columns)
+                got = read_row_group(pf, storage, m.shards[i], int(rg.group[g]), rows, m.dim, columns, as_dict=True)
                 sl = slice(lo - a, hi - a)
-                yield np.arange(lo, hi, dtype=np.int64), (got[sl] if columns == ("key",) else
-                                                          {c: v[sl] for c, v in got.items()})
+                yield np.arange(lo, hi, dtype=np.int64), {c: v[sl] for c, v in got.items()}
             del pf
     finally:
         if pool:

@@ -170,8 +170,8 @@ def load_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
 
 
 def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows: int, dim: int,
-                   columns: tuple[str, ...] = ("key",)):
-    """Keys of one row group: (rows, dim) float16; with other `columns`, a dict of arrays."""
+                   columns: tuple[str, ...] = ("key",), as_dict: bool = False):
+    """Keys of one row group: (rows, dim) float16; with other `columns` or `as_dict`, {column: array}."""
     meta = pf.metadata
     if group >= meta.num_row_groups or meta.row_group(group).num_rows != expect_rows:
         raise _shard_problem(storage, s, f"its row groups differ from the manifest's layout (row group {group} "
@@ -180,6 +180,6 @@ def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows
         t = pf.read_row_group(group, columns=list(columns))
     except (pa.ArrowException, OSError) as e:
         raise _shard_problem(storage, s, f"row group {group} is unreadable ({e})") from None
-    if columns == ("key",):
+    if columns == ("key",) and not as_dict:
         return decode_keys(t.column("key"), dim)
     return {c: decode_keys(t.column(c), dim) if c == "key" else t.column(c).to_numpy() for c in columns}

@@ -13,7 +13,6 @@ or, only when the caller allows partial results, is left out and named in the re
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retriever.merge import merge_topk
-from retriever.server import IndexServerImpl, RequestError, ServerError, check_request
+from retriever.server import IndexServerImpl, RequestError, ServerError, check_request, datastore_key
 
 log = logging.getLogger(__name__)
 NAMESPACE = "knnlm"
@@ -34,11 +33,6 @@ _KEEP: dict[str, dict[tuple[int, int], object]] = {}
 
 class RetrieverError(RuntimeError):
     """The servers of a datastore cannot answer (none running, a shard without live replica, versions)."""
-
-
-def datastore_key(uri: str) -> str:
-    from cluster.storage import normalize_uri
-    return hashlib.sha1(normalize_uri(uri).encode()).hexdigest()[:16]
 
 
 def actor_name(key: str, shard: int, replica: int) -> str:

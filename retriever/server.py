@@ -40,6 +40,12 @@ class ServerError(RuntimeError):
     """A server cannot serve its shard (missing or corrupted files, a datastore without index)."""
 
 
+def datastore_key(uri: str) -> str:
+    """A short stable name for a datastore: its servers' names and its local cache folder."""
+    from cluster.storage import normalize_uri
+    return hashlib.sha1(normalize_uri(uri).encode()).hexdigest()[:16]
+
+
 def default_cache_dir() -> str:
     return os.environ.get("KNNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "knnlm")
 
@@ -112,8 +118,7 @@ class ShardServer:
         self.shard, self.first_id, self.num_ids = shard, int(s["first_id"]), int(s["num_ids"])
         self.metric, self.dim, self.checksum = m.index["metric"], m.dim, s["checksum"]
         self.rerank_enabled = rerank
-        uri_key = hashlib.sha1(self.storage.uri.encode()).hexdigest()[:16]
-        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), uri_key)
+        self.cache_dir = os.path.join(cache_dir or default_cache_dir(), datastore_key(self.storage.uri))
         # Ray starts actors with OMP_NUM_THREADS=1; a search is parallel over queries, so use the cores
         # (set again in each calling thread: OpenMP's thread count is per thread, and a threaded
         # actor runs its calls on a pool of them)
@@ -133,28 +138,33 @@ class ShardServer:
         elif device == "cuda":
             raise ServerError("--device cuda: this faiss has no GPU support (install the `gpu` extra)")
         self.max_k = GPU_MAX_K if self.device == "cuda" else CPU_MAX_K
-        self.values = self._column_cache(m, "value")                 # (num_ids,) int32, memory-mapped
-        self.keys = self._column_cache(m, "key") if rerank else None  # (num_ids, dim) float16, memory-mapped
+        cols = self._column_caches(m, ("value", "key") if rerank else ("value",))   # one pass over the shards
+        self.values = cols["value"]                                  # (num_ids,) int32, memory-mapped
+        self.keys = cols.get("key")                                  # (num_ids, dim) float16, memory-mapped
         self.load_seconds = time.perf_counter() - t0
         log.info("index shard %d (ids %d..%d) ready on %s in %.1fs", shard, self.first_id,
                  self.first_id + self.num_ids - 1, self.device, self.load_seconds)
 
-    def _column_cache(self, m, column: str) -> np.ndarray:
-        """The shard range's values (or keys) as a memory-mapped .npy, built once from the key shards."""
+    def _column_caches(self, m, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The shard range's values (and keys) as memory-mapped .npy files, the missing ones built in one
+        pass over the key shards."""
         from builder.add import iter_range
-        path = os.path.join(self.cache_dir, f"{self.checksum.split(':')[1][:32]}-{column}.npy")
-        if not os.path.exists(path + ".ok"):
-            shape = (self.num_ids, self.dim) if column == "key" else (self.num_ids,)
-            dtype = np.float16 if column == "key" else np.int32
-            tmp = f"{path}.part-{os.getpid()}.npy"
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            for ids, cols in iter_range(self.storage, m, self.first_id, self.num_ids, (column,)):
-                out[ids - self.first_id] = cols if column == "key" else cols[column]
-            out.flush()
-            del out
-            os.replace(tmp, path)
-            open(path + ".ok", "w").close()
-        return np.load(path, mmap_mode="r")
+        paths = {c: os.path.join(self.cache_dir, f"{self.checksum.split(':')[1][:32]}-{c}.npy") for c in columns}
+        todo = tuple(c for c in columns if not os.path.exists(paths[c] + ".ok"))
+        if todo:
+            tmp = {c: f"{paths[c]}.part-{os.getpid()}.npy" for c in todo}
+            out = {c: np.lib.format.open_memmap(tmp[c], mode="w+", dtype=np.float16 if c == "key" else np.int32,
+                                                shape=(self.num_ids, self.dim) if c == "key" else (self.num_ids,))
+                   for c in todo}
+            for ids, got in iter_range(self.storage, m, self.first_id, self.num_ids, todo):
+                for c in todo:
+                    out[c][ids - self.first_id] = got[c]
+            for c in todo:
+                out[c].flush()
+                del out[c]
+                os.replace(tmp[c], paths[c])
+                open(paths[c] + ".ok", "w").close()
+        return {c: np.load(paths[c], mmap_mode="r") for c in columns}
 
     def info(self) -> dict:
         import ray

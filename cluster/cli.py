@@ -404,16 +404,13 @@ def _cmd_generate(a) -> int:
 
     from builder.manifest import load_manifest
     from cluster.storage import Storage
-    from retriever.evaluate import check_model
+    from retriever.evaluate import check_model, knnlm_settings
     from retriever.generate import KNNLMLogitsProcessor
     from retriever.router import Retriever, serving
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)
     info = check_model(a.model, m)
-    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
-    lam = a.lam if a.lam is not None else tuned.get("lambda", 0.25)
-    temp = a.temperature if a.temperature is not None else tuned.get("temperature", 1.0)
-    k = a.k or tuned.get("k", 1024)
+    lam, temp, k = knnlm_settings(m, a.lam, a.temperature, a.k)
     tok = AutoTokenizer.from_pretrained(info.path)
     model = AutoModelForCausalLM.from_pretrained(info.path).eval()
     ids = tok(a.prompt, return_tensors="pt")["input_ids"]

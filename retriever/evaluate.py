@@ -26,7 +26,7 @@ from builder.config import ConfigError
 from retriever.knnlm import interpolate, knn_log_probs, perplexity
 
 log = logging.getLogger(__name__)
-PAPER_LAMBDA, PAPER_TEMPERATURE = 0.25, 1.0
+PAPER_LAMBDA, PAPER_TEMPERATURE, PAPER_K = 0.25, 1.0, 1024
 
 
 class EvalError(RuntimeError):
@@ -91,10 +91,12 @@ def score_windows(windows: list[tuple[np.ndarray, int, int]], encoder, batch_siz
     return q, np.concatenate([o[1] for o in outs]), np.concatenate([o[2] for o in outs])
 
 
-def combine(lm_logp: np.ndarray, dist: np.ndarray, values: np.ndarray, targets: np.ndarray, lam: float,
-            temperature: float, metric: str) -> np.ndarray:
-    """kNN-LM log p(target) per token (float64)."""
-    return interpolate(lm_logp, knn_log_probs(dist, values, targets, temperature, metric), lam)
+def knnlm_settings(m, lam: float | None, temperature: float | None, k: int | None) -> tuple[float, float, int]:
+    """(λ, T, k): each as given, else what `knnlm tune --record` stored in the manifest, else the paper's."""
+    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
+    return (lam if lam is not None else tuned.get("lambda", PAPER_LAMBDA),
+            temperature if temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE),
+            k or tuned.get("k", PAPER_K))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,10 +258,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
                         f"{'cross' if m.mode == 'stream' else 'do not cross'} documents); evaluate in the same mode")
     info = check_model(cfg.model, m)
-    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
-    lam = cfg.lam if cfg.lam is not None else tuned.get("lambda", PAPER_LAMBDA)
-    temperature = cfg.temperature if cfg.temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE)
-    k = cfg.k or tuned.get("k", 1024)
+    lam, temperature, k = knnlm_settings(m, cfg.lam, cfg.temperature, cfg.k)
 
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(info.path)

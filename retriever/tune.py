@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from retriever.evaluate import PAPER_LAMBDA, PAPER_TEMPERATURE
 from retriever.knnlm import interpolate, knn_log_probs, perplexity
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> d
     if test is not None:
         out.update(test_ppl=ppl(test, best["lambda"], best["temperature"], best["k"]),
                    test_base_ppl=perplexity(float(test.lm.sum()), len(test.lm)), test_tokens=int(len(test.lm)),
-                   test_paper_ppl=ppl(test, 0.25, 1.0, test.meta["k"]))
+                   test_paper_ppl=ppl(test, PAPER_LAMBDA, PAPER_TEMPERATURE, test.meta["k"]))
     return out
 
 

@@ -269,18 +269,19 @@ class Retriever:
 
         A shard left without a live replica makes the router look the servers up by name once
         more (they may have been restarted by `knnlm serve`) before it gives up."""
-        res = self._search(queries, k, nprobe, rerank, allow_partial=True)
+        res = self._search(queries, k, nprobe, rerank)
         if res.missing_shards:
             fresh = find_servers(self.uri)
             if any(fresh.get(s) for s in res.missing_shards):   # servers of those shards (re)started
                 self.servers = fresh
                 self._dead.clear()
-                res = self._search(queries, k, nprobe, rerank, allow_partial=True)
+                res = self._search(queries, k, nprobe, rerank)
         if res.missing_shards and (not allow_partial or len(res.missing_shards) == self.num_shards):
             raise RetrieverError(res.error)
         return res
 
-    def _search(self, queries: np.ndarray, k: int, nprobe: int, rerank: bool, allow_partial: bool) -> SearchResult:
+    def _search(self, queries: np.ndarray, k: int, nprobe: int, rerank: bool) -> SearchResult:
+        """One fan-out: the merged results of the shards that answered, the others named in the result."""
         import ray
         import ray.exceptions as rex
         q = check_request(queries, self.dim, k, nprobe, self.max_k)
@@ -330,18 +331,19 @@ class Retriever:
                     try:
                         results[shard] = ray.get(ref)
                         self._dead.discard((shard, r))
+                        continue
                     except rex.RayTaskError as e:
                         if isinstance(_cause(e), RequestError):
                             raise _cause(e) from None
-                        failed_reason = f"{type(_cause(e)).__name__}: {_cause(e)}"
-                        if not send(shard) and not any(v[0] == shard for v in pending.values()):
-                            failed[shard] = failed_reason
+                        reason = f"{type(_cause(e)).__name__}: {_cause(e)}"
                     except (rex.RayActorError, rex.ActorUnavailableError, rex.ObjectLostError) as e:
                         self._dead.add((shard, r))
                         log.warning("replica %d of index shard %d failed (%s); trying another", r, shard,
                                     type(e).__name__)
-                        if not send(shard) and not any(v[0] == shard for v in pending.values()):
-                            failed[shard] = f"every replica failed (last: {type(e).__name__})"
+                        reason = f"every replica failed (last: {type(e).__name__})"
+                    # another replica of the shard, unless none is left and none is still answering
+                    if not send(shard) and not any(v[0] == shard for v in pending.values()):
+                        failed[shard] = reason
                 now = time.monotonic()
                 for shard in range(self.num_shards):    # hedge slow shards on another replica
                     if shard not in results and shard not in failed and now - sent_at.get(shard, now) > self.hedge_after:

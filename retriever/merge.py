@@ -17,7 +17,7 @@ def worst(metric: str) -> float:
 
 
 def normalize_missing(dist: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
-    """faiss's ±FLT_MAX padding → ±inf (in place on a copy if needed); returns dist."""
+    """A float32 copy of dist with faiss's ±FLT_MAX padding (id -1) set to ±inf."""
     dist = np.array(dist, dtype=np.float32, copy=True)
     dist[ids < 0] = worst(metric)
     return dist

@@ -26,18 +26,41 @@ EVAL = ["The quick brown fox jumps over the river. A language model with neighbo
         "In 1998 the lazy dog moved to the valley."]
 
 
+def test_knn_log_probs_equals_float64_reference():
+    rng = np.random.default_rng(0)
+    d = np.sort(rng.random((300, 64)) * 400, axis=1).astype(np.float32)
+    v = rng.integers(0, 6, d.shape)
+    v[:10, 40:] = -1
+    d[:10, 40:] = np.inf
+    v[10], d[10] = -1, np.inf                                             # a row without neighbours
+    t = rng.integers(0, 6, len(d))
+    for temp in (0.3, 1.0, 10.0):
+        s = np.where(v >= 0, -d.astype(np.float64) / temp, -np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ref = (np.logaddexp.reduce(np.where(v == t[:, None], s, -np.inf), axis=1)
+                   - np.logaddexp.reduce(s, axis=1))
+        ref[10] = -np.inf
+        got = knn_log_probs(d, v, t, temp)
+        assert np.array_equal(np.isfinite(got), np.isfinite(ref))
+        f = np.isfinite(ref)
+        np.testing.assert_allclose(got[f], ref[f], rtol=1e-5, atol=1e-5)
+
+
 def test_knn_log_probs_and_interpolation_by_hand():
     dist = np.array([[1.0, 2.0, 3.0, np.inf]])
     values = np.array([[7, 8, 7, -1]])
     w = np.exp(-np.array([1.0, 2.0, 3.0]) / 2.0)
     got = knn_log_probs(dist, values, np.array([7]), 2.0, "l2")
-    np.testing.assert_allclose(got, [np.log((w[0] + w[2]) / w.sum())], rtol=1e-12)
+    np.testing.assert_allclose(got, [np.log((w[0] + w[2]) / w.sum())], rtol=1e-6)        # float32 weights
     assert knn_log_probs(dist, values, np.array([9]), 2.0, "l2")[0] == -np.inf      # no neighbour with it
     ip = knn_log_probs(np.array([[3.0, 1.0]]), np.array([[5, 6]]), np.array([5]), 1.0, "ip")
     np.testing.assert_allclose(ip, [np.log(np.exp(3) / (np.exp(3) + np.exp(1)))])
     # huge distances: still exact in log space (a naive exp underflows to 0/0)
     far = knn_log_probs(np.array([[1e6, 1e6 + 1]]), np.array([[1, 2]]), np.array([1]), 1.0, "l2")
     np.testing.assert_allclose(far, [-np.log1p(np.exp(-1))])
+    # a target whose weight underflows float32 (exp(-200)) is redone in float64, not −inf
+    deep = knn_log_probs(np.array([[0.0, 200.0, 300.0]]), np.array([[1, 2, 2]]), np.array([2]), 1.0, "l2")
+    np.testing.assert_allclose(deep, [np.logaddexp(-200, -300) - np.log1p(np.exp(-200))], rtol=1e-12)
     lm = np.log(np.array([0.2, 0.5]))
     knn = np.array([np.log(0.6), -np.inf])
     mix = interpolate(lm, knn, 0.25)

@@ -28,7 +28,7 @@ import numpy as np
 
 from builder.config import AddConfig, ConfigError
 from builder.faults import maybe_fault
-from builder.index import Encoder, file_sha256, index_to_bytes, resolve_backend
+from builder.index import Encoder, file_sha256, index_to_bytes, is_fastscan, resolve_backend
 from builder.layout import (ADD_REQUEST, INDEX_LEASE, MERGED_INDEX, MERGED_IVFDATA, index_shard_path,
                             index_shard_record_path)
 from builder.lease import Lease
@@ -126,16 +126,16 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
               threads: int | None) -> dict:
     """Encode shard i of n, write its file then its commit record; return the record."""
     t0 = time.perf_counter()
-    backend, device = resolve_backend(backend, device, "--encoder")
+    storage = Storage.from_uri(root_uri)
+    m = load_manifest(storage)
+    trained = load_trained_index(storage, m)
+    backend, device = resolve_backend(backend, device, "--encoder", is_fastscan(trained))
     if threads:
         import faiss
         faiss.omp_set_num_threads(threads)
         if backend == "torch":  # torch only where it is used: importing it costs seconds
             import torch
             torch.set_num_threads(threads)
-    storage = Storage.from_uri(root_uri)
-    m = load_manifest(storage)
-    trained = load_trained_index(storage, m)
     maybe_fault("add", i)
     index = encode_range(storage, m, trained, first, num, backend, device)
     data = index_to_bytes(index)
@@ -193,9 +193,13 @@ def add_stage(cfg: AddConfig) -> AddResult:
     t0 = time.perf_counter()
     storage = Storage.from_uri(cfg.datastore)
     m = load_manifest(storage)
-    load_trained_index(storage, m)  # present, intact, matching dim and metric: before any work
+    fastscan = is_fastscan(load_trained_index(storage, m))  # present, intact, matching dim and metric: first
     if cfg.encoder != "auto" or cfg.device != "auto":
-        resolve_backend(cfg.encoder, cfg.device, "--encoder")  # flag errors early (on this machine)
+        resolve_backend(cfg.encoder, cfg.device, "--encoder", fastscan)  # flag errors early (on this machine)
+    if cfg.merge and fastscan:
+        raise ConfigError(f"--merge: {m.index['factory']} is a fast-scan index, whose inverted lists hold codes in "
+                          "blocks of 32 that faiss's on-disk lists cannot store; serve its shards (`knnlm serve`) "
+                          "instead, or train a non-fast-scan index (e.g. IVF4096,PQ64) to merge")
     explicit = cfg.index_shards is not None or cfg.shard_size is not None
     if m.index_shards and not explicit and not cfg.force:
         ranges = [(s["first_id"], s["num_ids"]) for s in m.index_shards]  # "add again": the same layout
@@ -224,7 +228,7 @@ def add_stage(cfg: AddConfig) -> AddResult:
         ids_added = 0
         if pending:
             with ray_session(cfg.address):
-                ids_added = _run_tasks(cfg, storage, lease, ranges, pending, records)
+                ids_added = _run_tasks(cfg, storage, lease, ranges, pending, records, fastscan)
         shards = [{k: records[i][k] for k in ("path", "first_id", "num_ids", "bytes", "checksum")}
                   for i in range(len(ranges))]
         if sum(s["num_ids"] for s in shards) != m.num_keys:
@@ -279,13 +283,13 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
 
 
 def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pending: list[int],
-               records: dict[int, dict]) -> int:
+               records: dict[int, dict], fastscan: bool = False) -> int:
     import ray
     import ray.exceptions as rex
 
     from cluster.runtime import cluster_resources, max_node_cpus
     cpus, gpus = cluster_resources()
-    use_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.encoder != "faiss"
+    use_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.encoder != "faiss" and not fastscan
     if cfg.device == "cuda" and gpus == 0:
         raise IndexBuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))

@@ -49,10 +49,11 @@ class FactoryInfo:
     pq_m: int | None = None        # product quantizer sub-quantizers (IVF-PQ)
     pq_nbits: int | None = None
     code_size: int = 0             # bytes per vector in the inverted lists (without the id)
+    fastscan: bool = False         # "PQ<M>x4fs": 4-bit PQ scanned with SIMD lookups (faiss, CPU only)
 
 
 _IVF = re.compile(r"^IVF(\d+)(_.*)?$")
-_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(np)?$")
+_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(np|fs|fsr)?$")
 _OPQ = re.compile(r"^OPQ(\d+)(?:_(\d+))?$")
 _PCA = re.compile(r"^PCAW?R?(\d+)$")
 
@@ -71,6 +72,7 @@ def check_factory(factory: str, dim: int, metric: str) -> FactoryInfo:
     parts = [p.strip() for p in factory.split(",")]
     d = dim
     nlist = pq_m = pq_nbits = None
+    fastscan = False
     for p in parts:
         if mo := _OPQ.match(p):
             m_, d_out = int(mo.group(1)), int(mo.group(2) or d)
@@ -84,6 +86,7 @@ def check_factory(factory: str, dim: int, metric: str) -> FactoryInfo:
             nlist = int(mo.group(1))
         elif mo := _PQ.match(p):
             pq_m, pq_nbits = int(mo.group(1)), int(mo.group(2) or 8)
+            fastscan = (mo.group(3) or "").startswith("fs")
             if d % pq_m:
                 divisors = [m for m in (8, 16, 32, 48, 64, 96, 128) if d % m == 0]
                 raise ConfigError(f"{flag}: PQ{pq_m} needs the vector dim to be divisible by {pq_m}, but it is {d}"
@@ -98,7 +101,19 @@ def check_factory(factory: str, dim: int, metric: str) -> FactoryInfo:
         msg = str(e).split("Error:", 1)[-1].strip().splitlines()[0]
         raise ConfigError(f"{flag}: faiss cannot build it for dim {dim}: {msg}") from None
     ivf = faiss.extract_index_ivf(index)
-    return FactoryInfo(factory, nlist, pq_m, pq_nbits, int(ivf.code_size))
+    return FactoryInfo(factory, nlist, pq_m, pq_nbits, int(ivf.code_size), fastscan)
+
+
+def fastscan_factory(factory: str) -> bool:
+    """Whether a factory string asks for a fast-scan PQ ("PQ64x4fs", "PQ32x4fsr")."""
+    return any((mo := _PQ.match(p.strip())) is not None and (mo.group(3) or "").startswith("fs")
+               for p in factory.split(","))
+
+
+def is_fastscan(index) -> bool:
+    """Whether the IVF layer of `index` is a fast-scan one (IndexIVFFastScan: blocked 4-bit codes)."""
+    import faiss
+    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
 
 
 def check_train_size(info: FactoryInfo, n_train: int, num_keys: int,
@@ -139,10 +154,18 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def resolve_backend(choice: str, device: str, flag: str) -> tuple[str, str]:
-    """(backend, torch device) for a --trainer/--encoder choice and a --device."""
+def resolve_backend(choice: str, device: str, flag: str, fastscan: bool = False) -> tuple[str, str]:
+    """(backend, torch device) for a --trainer/--encoder choice and a --device.
+
+    Fast-scan indexes (…x4fs) are trained and encoded by faiss on the CPU: neither faiss's GPU
+    indexes nor the torch path know their blocked code layout."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: choose one of auto, cpu, cuda (got {device!r})")
+    if fastscan:
+        if choice in ("auto", "faiss"):
+            return "faiss", "cpu"
+        raise ConfigError(f"{flag} {choice}: a fast-scan index (PQ<M>x4fs) is trained and encoded by faiss on the "
+                          f"CPU; use {flag} faiss or auto")
     gpu_ok = device in ("auto", "cuda")
     if choice == "auto":
         if gpu_ok and faiss_gpus() > 0:
@@ -303,12 +326,21 @@ def ivf_contents(index) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     import faiss
     ivf = faiss.extract_index_ivf(index)
     inv = ivf.invlists
+    packer = ivf.get_CodePacker() if is_fastscan(index) else None   # blocks of 32 interleaved 4-bit codes
     out = {}
     for lst in range(ivf.nlist):
         n = inv.list_size(lst)
         if n == 0:
             continue
         ids = faiss.rev_swig_ptr(inv.get_ids(lst), n).copy()
-        codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size).reshape(n, inv.code_size).copy()
+        if packer is None:
+            codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size).reshape(n, inv.code_size).copy()
+        else:
+            blocks = -(-n // packer.nvec)
+            raw = faiss.rev_swig_ptr(inv.get_codes(lst), blocks * packer.block_size).copy()
+            codes = np.empty((blocks, packer.nvec, packer.code_size), np.uint8)
+            for b in range(blocks):                                 # unpack_all unpacks one block
+                packer.unpack_all(faiss.swig_ptr(raw[b * packer.block_size:]), faiss.swig_ptr(codes[b]))
+            codes = codes.reshape(-1, packer.code_size)[:n]
         out[lst] = (ids, codes)
     return out

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from builder.config import ConfigError, TrainConfig
-from builder.index import (check_factory, check_train_size, index_to_bytes, quantization_error, resolve_backend,
-                           train_index)
+from builder.index import (check_factory, check_train_size, fastscan_factory, index_to_bytes, quantization_error,
+                           resolve_backend, train_index)
 from builder.layout import INDEX_LEASE
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, package_versions, write_manifest
@@ -85,7 +85,7 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
     info = check_factory(cfg.index_factory, m.dim, cfg.metric)
     n_train = min(cfg.train_size, m.num_keys)
     check_train_size(info, n_train, m.num_keys, cfg.min_points_per_centroid)
-    backend, device = resolve_backend(cfg.trainer, cfg.device, "--trainer")
+    backend, device = resolve_backend(cfg.trainer, cfg.device, "--trainer", info.fastscan)
     want = _want(cfg, n_train)
     if m.index and not cfg.force:
         diffs = _diffs(m.index, want)
@@ -148,7 +148,8 @@ def train_on_cluster(cfg: TrainConfig, address: str | None):
     from cluster.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
     with ray_session(address):
         cpus, gpus = cluster_resources()
-        want_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.trainer != "faiss"
+        want_gpu = (gpus > 0 and cfg.device in ("auto", "cuda") and cfg.trainer != "faiss"
+                    and not fastscan_factory(cfg.index_factory))   # fast-scan trains on the CPU
         if cfg.device == "cuda" and gpus == 0:
             raise ClusterError("--device cuda: the Ray cluster has no GPUs")
         task = ray.remote(train_stage).options(num_cpus=min(cfg.threads or max_node_cpus(), max_node_cpus()),

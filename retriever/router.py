@@ -74,7 +74,7 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
     fails the call with its reason, and the servers this call started are removed."""
     import ray
 
-    from builder.index import faiss_gpus
+    from builder.index import faiss_gpus, fastscan_factory
     from builder.manifest import load_manifest
     from cluster.runtime import cluster_resources
     from cluster.storage import Storage
@@ -85,7 +85,8 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
     if not m.index_shards:
         raise ServerError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
     _, gpus = cluster_resources()
-    use_gpu = device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
+    use_gpu = (device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
+               and not fastscan_factory(m.index["factory"]))            # fast-scan is searched on the CPU
     if threads is None:
         # a node's cores shared by the shards placed on it (one replica of each shard serves a call):
         # OpenMP teams larger than their share spin against each other

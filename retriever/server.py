@@ -104,7 +104,7 @@ class ShardServer:
                  device: str = "auto", threads: int | None = None):
         import faiss
 
-        from builder.index import faiss_gpus
+        from builder.index import faiss_gpus, is_fastscan
         from builder.manifest import load_manifest
         from cluster.storage import Storage
 
@@ -131,7 +131,11 @@ class ShardServer:
             raise ServerError(f"{self.storage.url(s['path'])}: {self.index.ntotal} vectors of dim {self.index.d}, the "
                               f"manifest says {self.num_ids} of dim {self.dim}")
         self.device = "cpu"
-        if device in ("auto", "cuda") and faiss_gpus() > 0:
+        fastscan = is_fastscan(self.index)          # fast-scan has no faiss GPU version: it is a CPU format
+        if device == "cuda" and fastscan:
+            raise ServerError(f"--device cuda: {m.index['factory']} is a fast-scan index, which faiss searches on "
+                              "the CPU only")
+        if device in ("auto", "cuda") and faiss_gpus() > 0 and not fastscan:
             self.gpu_res = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self.gpu_res, 0, self.index)
             self.device = "cuda"

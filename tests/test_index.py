@@ -12,7 +12,8 @@ import pytest
 
 from builder.add import add_stage, iter_key_range, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
-from builder.index import add_batches, check_factory, check_train_size, ivf_contents
+from builder.index import (add_batches, check_factory, check_train_size, fastscan_factory, ivf_contents,
+                           resolve_backend)
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.sample import RowGroups, plan_sample, row_groups, sample_keys
 from builder.shards import ShardError, checksum, read_shard
@@ -23,6 +24,7 @@ from cluster.storage import Storage
 DIM = 32
 FACTORY_PQ = "IVF16,PQ4"     # dsub 8: faiss's PQ training is slow on tiny sub-vectors
 FACTORY_FLAT = "IVF16,Flat"
+FACTORY_FS = "IVF16,PQ8x4fs"   # fast-scan: 4-bit codes in blocks of 32 (faiss, CPU only)
 
 
 def all_keys(uri: str) -> np.ndarray:
@@ -152,6 +154,13 @@ def test_factory_validation_messages():
     with pytest.raises(ConfigError, match=r"--train-size is 100,000.*larger --train-size"):
         check_train_size(info, 100000, 3_000_000)
     check_train_size(info, 1_000_000, 3_000_000)
+    fs = check_factory("IVF16,PQ8x4fs", 32, "l2")
+    assert (fs.pq_m, fs.pq_nbits, fs.code_size, fs.fastscan) == (8, 4, 4, True) and not info.fastscan
+    assert fastscan_factory("OPQ8,IVF16,PQ8x4fsr") and not fastscan_factory("IVF16,PQ8")
+    # fast-scan trains and encodes with faiss on the CPU: auto picks it, GPU/torch are refused by flag
+    assert resolve_backend("auto", "auto", "--trainer", fastscan=True) == ("faiss", "cpu")
+    with pytest.raises(ConfigError, match=r"--encoder torch: a fast-scan index.*--encoder faiss or auto"):
+        resolve_backend("torch", "auto", "--encoder", fastscan=True)
 
 
 # ---- train-index ----------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def test_train_index_records_manifest_and_reruns(synth, tmp_path):
 def trained(synth, tmp_path_factory):
     """{factory: datastore copy with that index trained}."""
     out = {}
-    for f in (FACTORY_PQ, FACTORY_FLAT):
+    for f in (FACTORY_PQ, FACTORY_FLAT, FACTORY_FS):
         uri = fresh_copy(synth, tmp_path_factory.mktemp("trained") / "ds")
         train_stage(tcfg(uri, index_factory=f))
         out[f] = uri
@@ -223,7 +232,7 @@ def sorted_pairs(contents: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("factory", [FACTORY_PQ, FACTORY_FLAT])
+@pytest.mark.parametrize("factory", [FACTORY_PQ, FACTORY_FLAT, FACTORY_FS])
 def test_distributed_add_equals_single_process(trained, tmp_path, factory, ray_cluster):
     uri = fresh_copy(trained[factory], tmp_path / "ds")
     st = Storage.from_uri(uri)
@@ -344,6 +353,11 @@ def test_merge_on_disk_searches_like_one_index(trained, tmp_path, ray_cluster):
     np.testing.assert_array_equal(d1, d2)
     np.testing.assert_array_equal(i1, i2)
     assert add_stage(acfg(uri, index_shards=3, merge=True)).already_done
+    # a fast-scan index's blocked lists cannot go on disk: refused before any work, naming the flag
+    fs = fresh_copy(trained[FACTORY_FS], tmp_path / "fs")
+    with pytest.raises(ConfigError, match=r"--merge: IVF16,PQ8x4fs is a fast-scan index.*knnlm serve"):
+        add_stage(acfg(fs, index_shards=3, merge=True))
+    assert load_manifest(Storage.from_uri(fs)).index_shards is None
 
 
 def test_iter_key_range_is_bounded_and_exact(synth):

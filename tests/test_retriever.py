@@ -91,7 +91,7 @@ def test_merge_topk_metric_aware_and_padding():
 @pytest.mark.parametrize("factory,metric,shards", [
     ("IVF16,Flat", "l2", 1), ("IVF16,Flat", "l2", 2), ("IVF16,Flat", "l2", 3),
     ("IVF16,PQ4", "l2", 1), ("IVF16,PQ4", "l2", 2), ("IVF16,PQ4", "l2", 3),
-    ("IVF16,Flat", "ip", 3), ("IVF16,PQ4", "ip", 2)])
+    ("IVF16,Flat", "ip", 3), ("IVF16,PQ4", "ip", 2), ("IVF16,PQ8x4fs", "l2", 3), ("IVF16,PQ8x4fs", "ip", 2)])
 def test_sharded_equals_monolithic(synth, tmp_path, factory, metric, shards, ray_cluster):
     uri = indexed(synth, tmp_path / "ds", factory, metric, shards)
     start_servers(uri, cache_dir=str(tmp_path / "cache"), detached=False)

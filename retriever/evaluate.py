@@ -112,13 +112,20 @@ class EvalWorkerImpl:
         import transformers
 
         from builder.keys import load_encoder
-        from retriever.router import Retriever
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         if threads:
             torch.set_num_threads(threads)
         self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
-        self.retriever = Retriever.connect(datastore)
+        self.datastore, self._retriever = datastore, None
+
+    @property
+    def retriever(self):
+        """Connected on first use: the worker starts before the servers are up (see `evaluate`)."""
+        if self._retriever is None:
+            from retriever.router import Retriever
+            self._retriever = Retriever.connect(self.datastore)
+        return self._retriever
 
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
             batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
@@ -129,21 +136,25 @@ class EvalWorkerImpl:
         t1 = time.perf_counter()
         knn = np.empty(len(q))
         dists, values = [], []
+        t_search = 0.0
         for a in range(0, len(q), search_batch):
+            ts = time.perf_counter()
             r = self.retriever.search(q[a:a + search_batch].astype(np.float32), k=k, nprobe=nprobe, rerank=rerank)
+            t_search += time.perf_counter() - ts
             knn[a:a + len(r.ids)] = knn_log_probs(r.dist, r.values, tgt[a:a + search_batch], temperature,
                                                   self.retriever.metric)
             if save_uri:
                 dists.append(r.dist)
                 values.append(r.values)
-        t2 = time.perf_counter()
         mix = interpolate(lm, knn, lam)
+        t2 = time.perf_counter()
         if save_uri:
             from cluster.storage import Storage
             from retriever.tune import write_chunk
             write_chunk(Storage.from_uri(save_uri), chunk_id, tgt, lm, np.concatenate(dists), np.concatenate(values))
+        # lm: the forward (queries and log-probs); search: the router's calls; combine: p_kNN and the mix
         return {"lm": lm, "knnlm": mix, "tokens": len(q),
-                "seconds": {"lm": t1 - t0, "search": t2 - t1, "combine": time.perf_counter() - t2}}
+                "seconds": {"lm": t1 - t0, "search": t_search, "combine": t2 - t1 - t_search}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +250,16 @@ def check_model(model: str | None, m) -> "object":
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Run the evaluation (see the module docstring)."""
+    """Run the evaluation (see the module docstring).
+
+    The workers are started first: their start (importing torch and transformers, loading the LM)
+    overlaps the driver's model check and tokenization, a fixed cost that otherwise dominates a
+    small evaluation. A failed check kills them before any work."""
     import ray
 
-    from builder.corpus import detect_format, tokenize_file
     from builder.manifest import load_manifest
-    from cluster.runtime import cluster_resources
-    from cluster.storage import Storage, expand_inputs, read_uri
+    from cluster.runtime import cluster_resources, ray_session
+    from cluster.storage import Storage
     from retriever.router import serving
 
     t0 = time.perf_counter()
@@ -257,11 +271,49 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if mode != m.mode:
         raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
                         f"{'cross' if m.mode == 'stream' else 'do not cross'} documents); evaluate in the same mode")
-    info = check_model(cfg.model, m)
     lam, temperature, k = knnlm_settings(m, cfg.lam, cfg.temperature, cfg.k)
+    model = cfg.model or m.model.get("path") or m.model["name"]
+    with ray_session(cfg.address):
+        cpus, gpus = cluster_resources()
+        use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
+        workers = cfg.workers or (gpus if use_gpu else 1)
+        threads = cfg.threads or max(1, cpus // workers)
+        compute_dtype = m.compute_dtype if not use_gpu else "auto"
+        actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
+                                                   max_restarts=2, max_task_retries=2)
+        pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
+                for _ in range(workers)]
+        try:
+            info = check_model(model, m)
+            chunks, inputs = _plan(cfg, m, mode, info.path)
+            pool = pool[:len(chunks)]
+            with serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir):
+                results = _run_chunks(pool, chunks, k, cfg, lam, temperature)
+        finally:
+            for w in pool:
+                ray.kill(w)
+    order = sorted(results)
+    lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
+    mix = np.concatenate([results[i]["knnlm"] for i in order])
+    split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
+    n = int(lm.size)
+    res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
+                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
+    if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
+        Storage.from_uri(cfg.save_neighbours).write_text("cache.json", json.dumps(
+            {"metric": m.index["metric"], "k": k, "nprobe": cfg.nprobe, "rerank": cfg.rerank, "datastore": st.uri,
+             "corpus": inputs, "tokens": n, "chunks": len(chunks)}))
+    log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
+    return res
 
+
+def _plan(cfg: EvalConfig, m, mode: str, model_path: str) -> tuple[list[Chunk], list[str]]:
+    """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(info.path)
+
+    from builder.corpus import detect_format, tokenize_file
+    from cluster.storage import expand_inputs, read_uri
+    tok = AutoTokenizer.from_pretrained(model_path)
     tok.model_max_length = 1 << 60
     try:
         inputs = expand_inputs(cfg.corpus)
@@ -279,59 +331,40 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             sequences.append(tf.tokens[off:off + n])
             off += n
     chunks = plan_chunks(sequences, m.window, m.min_context, cfg.chunk_targets)
-    total = sum(c.num_targets for c in chunks)
-    if total == 0:
+    if not chunks:
         raise EvalError(f"--corpus {', '.join(cfg.corpus)}: no token to score (empty text, or documents shorter "
                         "than 2 tokens)")
+    return chunks, inputs
 
-    with serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir):
-        cpus, gpus = cluster_resources()
-        use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
-        workers = cfg.workers or (gpus if use_gpu else 1)
-        threads = cfg.threads or max(1, cpus // workers)
-        compute_dtype = m.compute_dtype if not use_gpu else "auto"
-        actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
-                                                   max_restarts=2, max_task_retries=2)
-        pool = [actor.remote(info.path, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
-                for _ in range(min(workers, len(chunks)))]
-        results: dict[int, dict] = {}
-        queue = list(chunks)
-        inflight: dict = {}
-        try:
-            while queue or inflight:
-                for w in pool:
-                    if queue and sum(1 for v in inflight.values() if v[1] is w) == 0:
-                        c = queue.pop(0)
-                        ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                           cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
-                        inflight[ref] = (c, w)
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in done:
-                    c, _w = inflight.pop(ref)
-                    try:
-                        results[c.id] = ray.get(ref)
-                    except Exception as e:
-                        from cluster.runtime import unwrap_task_error
-                        from retriever.router import RetrieverError
-                        from retriever.server import RequestError
-                        raise unwrap_task_error(e, f"evaluation chunk {c.id}",
-                                                (RetrieverError, RequestError, ValueError), EvalError) from None
-        finally:
-            for w in pool:
-                ray.kill(w)
-    order = sorted(results)
-    lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
-    mix = np.concatenate([results[i]["knnlm"] for i in order])
-    split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
-    n = int(lm.size)
-    res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
-                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
-    if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
-        Storage.from_uri(cfg.save_neighbours).write_text("cache.json", json.dumps(
-            {"metric": m.index["metric"], "k": k, "nprobe": cfg.nprobe, "rerank": cfg.rerank, "datastore": st.uri,
-             "corpus": inputs, "tokens": n, "chunks": len(chunks)}))
-    log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
-    return res
+
+def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float
+                ) -> dict[int, dict]:
+    """Each chunk on the next free worker; {chunk id: its result}."""
+    import ray
+
+    from cluster.runtime import unwrap_task_error
+    from retriever.router import RetrieverError
+    from retriever.server import RequestError
+    results: dict[int, dict] = {}
+    queue = list(chunks)
+    inflight: dict = {}
+    while queue or inflight:
+        busy = {id(w) for _, w in inflight.values()}
+        for w in pool:
+            if queue and id(w) not in busy:
+                c = queue.pop(0)
+                ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                   cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
+                inflight[ref] = (c, w)
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in done:
+            c, _w = inflight.pop(ref)
+            try:
+                results[c.id] = ray.get(ref)
+            except Exception as e:
+                raise unwrap_task_error(e, f"evaluation chunk {c.id}", (RetrieverError, RequestError, ValueError),
+                                        EvalError) from None
+    return results
 
 
 def write_json(res: EvalResult, path: str) -> None:

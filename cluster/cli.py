@@ -523,10 +523,65 @@ def _cmd_verify(a) -> int:
     return 0
 
 
+def _pipeline_reference() -> str:
+    """Every key of a pipeline file with its default (the --help epilog of `knnlm run`)."""
+    from dataclasses import MISSING, fields
+
+    from cluster.pipeline import OPTIONAL, RENAMED, SECTIONS
+    lines = ["pipeline file keys (defaults):", "  datastore: (required) output URI, a local path or s3://bucket/prefix",
+             "  address: null (a Ray cluster as ray.init takes it; null: an embedded local Ray)"]
+    for name, cls in SECTIONS.items():
+        lines.append(f"  {name}:" + ("  (optional section)" if name in OPTIONAL else ""))
+        renamed = {f: k for (sec, k), f in RENAMED.items() if sec == name}
+        for f in fields(cls):
+            d = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                             else None)
+            shown = "(required)" if d in ("", []) and f.name in ("corpus", "model", "valid", "test") else json.dumps(d)
+            lines.append(f"    {renamed.get(f.name, f.name)}: {shown}")
+    return "\n".join(lines)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run a whole pipeline from a YAML file: build, train-index, add (and tune, eval, serve)",
+        description="Run the stages a pipeline file describes, in order: build -> train-index -> add -> tune -> "
+                    "eval -> serve (the last three when their sections are present). Each stage is the same "
+                    "function as its own subcommand: resumable, skipping what is already committed, refusing a "
+                    "file that asks for something other than what the datastore holds. The resolved file is "
+                    "stored in the manifest as `pipeline`. The same file runs on a laptop (embedded Ray, local "
+                    "paths) or a cluster (`address:` or --address, s3:// URIs). Relative paths in the file are "
+                    "relative to its folder. Keys are the subcommands' options with _ for -.",
+        epilog=_pipeline_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pipeline", metavar="PIPELINE.yaml")
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster address as ray.init takes it (e.g. auto or ray://head:10001), overriding "
+                        "the file's `address`")
+    p.add_argument("--check", action="store_true", help="only read and check the file; print it resolved")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write every stage's summary/result as JSON")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(a) -> int:
+    from cluster.pipeline import load_pipeline, run_pipeline
+    pl = load_pipeline(a.pipeline, a.address)
+    if a.check:
+        import yaml
+        print(yaml.safe_dump(pl.resolved(), sort_keys=False), end="")
+        return 0
+    res = run_pipeline(pl)
+    for stage, r in res.items():
+        print(f"{stage}: {r if isinstance(r, str) else json.dumps(r, default=str)[:300]}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnlm", description="Build and serve kNN-LM datastores at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
     _add_build(sub)
     _add_train_index(sub)
     _add_add(sub)

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from cluster.jobs import add_job_commands
+
 log = logging.getLogger("knnlm")
 
 
@@ -577,11 +579,50 @@ def _cmd_run(a) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    from cluster.demo import DemoConfig
+    d = DemoConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "demo", help="the whole product end to end on this machine, offline: WikiText-2, a small GPT-2 trained on "
+                     "the fly, build, index, serve, tune, eval, generate",
+        description="Run the kNN-LM end to end on one machine with no network: the WikiText-2 text shipped with "
+                    "knnlm (CC BY-SA 3.0) split by article into train/valid/test; a small GPT-2 trained on the "
+                    "train part (cached for the next run) unless --model; then build -> train-index -> add -> "
+                    "tune -> eval through `knnlm run` (OUT/pipeline.yaml), ending with the base vs kNN-LM "
+                    "perplexity table, the plots and a sample generated with and without the datastore. About "
+                    "8 minutes on 2 CPU cores the first time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=d["out"].default, help="where everything goes (results.json, plots/, datastore/)")
+    p.add_argument("--model", default=None,
+                   help="a causal LM (local folder or hub id, e.g. gpt2 where the hub is reachable) instead of "
+                        "training the small GPT-2")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH_OR_URI",
+                   help="your text instead of WikiText-2, split by article (' = Title = ' lines) or by "
+                        "blank-line paragraph: i %% 10 == 0 -> test, 5 -> valid, else train")
+    p.add_argument("--epochs", type=float, default=d["epochs"].default, help="training epochs of the small GPT-2")
+    p.add_argument("--index-factory", default=None,
+                   help="default: IVF1024 with fast-scan PQ (dim/4 sub-quantizers of 4 bits), fast on a CPU")
+    p.add_argument("--window", type=int, default=None, help="forward window (default: the model's positions)")
+    p.add_argument("--prompt", default=None, help="generation prompt (default: the start of the first test article)")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(a) -> int:
+    from cluster.demo import DemoConfig, report, run_demo
+    r = run_demo(DemoConfig(out=a.out, model=a.model, corpus=a.corpus, epochs=a.epochs, index_factory=a.index_factory,
+                            window=a.window, prompt=a.prompt, max_new_tokens=a.max_new_tokens))
+    print(report(r))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnlm", description="Build and serve kNN-LM datastores at scale.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
     _add_run(sub)
+    add_job_commands(sub)
     _add_build(sub)
     _add_train_index(sub)
     _add_add(sub)

@@ -44,7 +44,9 @@ def connect_ray(address: str) -> None:
     import retriever
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                 runtime_env={"py_modules": [builder, cluster, retriever]})
+                 # folders, not module objects: a job's runtime env is deep-copied to merge it, and modules
+                 # do not pickle
+                 runtime_env={"py_modules": [os.path.dirname(m.__file__) for m in (builder, cluster, retriever)]})
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "version" in str(e).lower() and ("mismatch" in str(e).lower() or "differ" in str(e).lower()):

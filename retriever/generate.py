@@ -14,11 +14,12 @@ from transformers import LogitsProcessor
 
 class KNNLMLogitsProcessor(LogitsProcessor):
     def __init__(self, model, retriever, key_layer: str, lam: float = 0.25, temperature: float = 1.0, k: int = 1024,
-                 nprobe: int = 32):
+                 nprobe: int = 32, rerank: bool = False):
         from builder.keys import find_key_module
         if not 0 <= lam <= 1:
             raise ValueError(f"--lambda must be in [0, 1] (got {lam})")
         self.retriever, self.lam, self.temperature, self.k, self.nprobe = retriever, lam, temperature, k, nprobe
+        self.rerank = rerank                    # exact distances of the k candidates (servers with --rerank)
         self.module_name, module = find_key_module(model, key_layer)
         self._query: torch.Tensor | None = None
         self._handle = module.register_forward_pre_hook(self._hook)
@@ -33,7 +34,7 @@ class KNNLMLogitsProcessor(LogitsProcessor):
         if self._query is None:
             raise RuntimeError(f"the key module {self.module_name} was not called before the logits")
         q = self._query.to(torch.float16).float().cpu().numpy()        # rounded like the stored keys
-        dist, _, values = self.retriever.search(q, k=self.k, nprobe=self.nprobe)
+        dist, _, values = self.retriever.search(q, k=self.k, nprobe=self.nprobe, rerank=self.rerank)
         return knnlm_scores(scores, dist, values, self.lam, self.temperature, self.retriever.metric)
 
 

@@ -121,3 +121,25 @@ def test_pipeline_equals_its_stages_and_reruns_as_a_no_op(texts, gpt2_model, tmp
                                           r"for 'IVF2,Flat'.*knnlm train-index .* --force"):
         run_pipeline(load_pipeline(write_text(tmp_path / "changed.yaml", yaml.safe_dump(spec))))
     assert load_manifest(st).extra["pipeline"]["index"]["factory"] == "IVF4,Flat"
+
+
+@pytest.mark.s3
+def test_the_same_pipeline_file_writes_to_s3(texts, gpt2_model, tmp_path, s3_bucket, ray_cluster):
+    """Only the datastore URI differs: corpus and eval files on S3, datastore on S3, same keys and index."""
+    from conftest import upload_dir
+    root, corpus, evalf = texts
+    src = upload_dir(str(root), s3_bucket, "texts")
+    spec = {"datastore": f"s3://{s3_bucket}/ds",
+            "build": {"corpus": [f"{src}/corpus/"], "model": gpt2_model, "window": W, "min_context": C},
+            "index": {"factory": "IVF4,Flat", "train_size": 100000, "min_points_per_centroid": 1, "shards": 2,
+                      "trainer": "faiss", "encoder": "faiss"},
+            "eval": {"corpus": [f"{src}/eval.txt"], "lambda": 0.3, "temperature": 2.0, "k": 16, "nprobe": 4}}
+    s3 = run_pipeline(load_pipeline(write_text(tmp_path / "s3.yaml", yaml.safe_dump(spec))))
+    spec.update(datastore=str(tmp_path / "local"))
+    spec["build"]["corpus"], spec["eval"]["corpus"] = corpus, [evalf]
+    local = run_pipeline(load_pipeline(write_text(tmp_path / "local.yaml", yaml.safe_dump(spec))))
+    a, b = load_manifest(Storage.from_uri(f"s3://{s3_bucket}/ds")), load_manifest(Storage.from_uri(spec["datastore"]))
+    assert [s["checksum"] for s in a.shards] == [s["checksum"] for s in b.shards]
+    assert [s["checksum"] for s in a.index_shards] == [s["checksum"] for s in b.index_shards]
+    assert a.extra["pipeline"]["datastore"] == f"s3://{s3_bucket}/ds"
+    assert s3["eval"]["knnlm_ppl"] == pytest.approx(local["eval"]["knnlm_ppl"], rel=1e-9)

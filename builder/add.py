@@ -28,12 +28,12 @@ import numpy as np
 
 from builder.config import AddConfig, ConfigError
 from builder.faults import maybe_fault
-from builder.index import Encoder, file_sha256, index_to_bytes, is_fastscan, resolve_backend
+from builder.index import Encoder, file_sha256, is_fastscan, resolve_backend
 from builder.layout import (ADD_REQUEST, INDEX_LEASE, MERGED_INDEX, MERGED_IVFDATA, index_shard_path,
                             index_shard_record_path)
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
-from builder.shards import ShardError, checksum, load_shard, read_row_group
+from builder.shards import ShardError, load_shard, read_row_group
 from builder.train import IndexBuildError, load_trained_index
 from cluster.storage import NotFound, Storage, StorageError
 
@@ -137,11 +137,18 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
             import torch
             torch.set_num_threads(threads)
     maybe_fault("add", i)
+    import faiss
     index = encode_range(storage, m, trained, first, num, backend, device)
-    data = index_to_bytes(index)
     path = index_shard_path(i, n)
-    storage.write_bytes(path, data)
-    rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": len(data), "checksum": checksum(data),
+    # written to a local file and streamed up, not serialized in memory: a bytes copy of the shard
+    # next to the index doubled the task's peak (bench_scale.py)
+    with tempfile.TemporaryDirectory(prefix="knnlm-add-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path))
+        faiss.write_index(index, local)
+        del index
+        nbytes, digest = os.path.getsize(local), file_sha256(local)
+        storage.upload_file(path, local)
+    rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": nbytes, "checksum": digest,
            "index_checksum": m.index["checksum"], "encoder": backend, "device": device,
            "seconds": round(time.perf_counter() - t0, 3)}
     storage.write_text(index_shard_record_path(i), json.dumps(rec))
@@ -296,8 +303,10 @@ def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pen
     workers = cfg.workers or (gpus if use_gpu else nodes)
     threads = cfg.threads or max(1, max_node_cpus() // max(1, -(-workers // nodes)))
     threads = min(threads, max_node_cpus())
-    task = ray.remote(add_shard).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
-                                         max_retries=cfg.max_retries, retry_exceptions=[StorageError])
+    # a fresh worker process per task (max_calls=1): a pooled worker kept ~15 MB of freed heap per
+    # task (glibc arenas), so its peak grew with the number of shards; the restart costs ~1 s a shard
+    task = ray.remote(max_calls=1)(add_shard).options(num_cpus=threads, num_gpus=1 if use_gpu else 0,
+                                                      max_retries=cfg.max_retries, retry_exceptions=[StorageError])
     device = "cuda" if use_gpu else "cpu"
     log.info("adding with %d concurrent tasks of %d threads%s", workers, threads, " and 1 GPU" if use_gpu else "")
     queue = list(pending)

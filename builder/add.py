@@ -125,19 +125,18 @@ def encode_range(storage: Storage, m: Manifest, trained, first: int, num: int, b
 def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str, device: str,
               threads: int | None) -> dict:
     """Encode shard i of n, write its file then its commit record; return the record."""
+    import faiss
     t0 = time.perf_counter()
     storage = Storage.from_uri(root_uri)
     m = load_manifest(storage)
     trained = load_trained_index(storage, m)
     backend, device = resolve_backend(backend, device, "--encoder", is_fastscan(trained))
     if threads:
-        import faiss
         faiss.omp_set_num_threads(threads)
         if backend == "torch":  # torch only where it is used: importing it costs seconds
             import torch
             torch.set_num_threads(threads)
     maybe_fault("add", i)
-    import faiss
     index = encode_range(storage, m, trained, first, num, backend, device)
     path = index_shard_path(i, n)
     # written to a local file and streamed up, not serialized in memory: a bytes copy of the shard

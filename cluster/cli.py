@@ -401,31 +401,19 @@ def _add_generate(sub) -> None:
 
 
 def _cmd_generate(a) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from builder.manifest import load_manifest
     from cluster.storage import Storage
     from retriever.evaluate import check_model, knnlm_settings
-    from retriever.generate import KNNLMLogitsProcessor
-    from retriever.router import Retriever, serving
+    from retriever.generate import generate
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)
     info = check_model(a.model, m)
     lam, temp, k = knnlm_settings(m, a.lam, a.temperature, a.k)
-    tok = AutoTokenizer.from_pretrained(info.path)
-    model = AutoModelForCausalLM.from_pretrained(info.path).eval()
-    ids = tok(a.prompt, return_tensors="pt")["input_ids"]
-    kw = dict(max_new_tokens=a.max_new_tokens, do_sample=a.sample, pad_token_id=tok.eos_token_id or 0)
-    with serving(st.uri, a.address, cache_dir=a.cache_dir):
-        proc = KNNLMLogitsProcessor(model, Retriever.connect(st.uri), m.key_layer, lam, temp, k, a.nprobe)
-        torch.manual_seed(a.seed)
-        out = model.generate(ids, logits_processor=[proc], **kw)
-        proc.remove()
-    print(f"kNN-LM (lambda={lam:g}, T={temp:g}, k={k}): {tok.decode(out[0])}")
+    g = generate(st.uri, info.path, m.key_layer, a.prompt, lam, temp, k, a.nprobe, a.max_new_tokens, a.sample,
+                 a.seed, a.compare, a.address, a.cache_dir)
+    print(f"kNN-LM (lambda={lam:g}, T={temp:g}, k={k}): {g['tokenizer'].decode(g['knnlm'][0])}")
     if a.compare:
-        torch.manual_seed(a.seed)
-        print(f"base LM: {tok.decode(model.generate(ids, **kw)[0])}")
+        print(f"base LM: {g['tokenizer'].decode(g['base'][0])}")
     return 0
 
 
@@ -529,17 +517,17 @@ def _pipeline_reference() -> str:
     """Every key of a pipeline file with its default (the --help epilog of `knnlm run`)."""
     from dataclasses import MISSING, fields
 
-    from cluster.pipeline import OPTIONAL, RENAMED, SECTIONS
+    from cluster.pipeline import OPTIONAL, SECTIONS, yaml_keys
     lines = ["pipeline file keys (defaults):", "  datastore: (required) output URI, a local path or s3://bucket/prefix",
              "  address: null (a Ray cluster as ray.init takes it; null: an embedded local Ray)"]
     for name, cls in SECTIONS.items():
         lines.append(f"  {name}:" + ("  (optional section)" if name in OPTIONAL else ""))
-        renamed = {f: k for (sec, k), f in RENAMED.items() if sec == name}
+        keys = yaml_keys(name)
         for f in fields(cls):
             d = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                              else None)
             shown = "(required)" if d in ("", []) and f.name in ("corpus", "model", "valid", "test") else json.dumps(d)
-            lines.append(f"    {renamed.get(f.name, f.name)}: {shown}")
+            lines.append(f"    {keys[f.name]}: {shown}")
     return "\n".join(lines)
 
 

@@ -312,36 +312,21 @@ def run_demo(cfg: DemoConfig) -> dict:
 def generate_samples(datastore: str, model: str, test_path: str, cfg: DemoConfig) -> dict:
     """One greedy continuation of a prompt with and without the datastore (tuned λ, T, k); the default
     prompt opens the first held-out (test) article."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from builder.manifest import load_manifest
     from cluster.storage import Storage
     from retriever.evaluate import knnlm_settings
-    from retriever.generate import KNNLMLogitsProcessor
-    from retriever.router import Retriever, serving
+    from retriever.generate import generate
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     lam, temp, k = knnlm_settings(m, None, None, None)
-    tok = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
     prompt = cfg.prompt
     if prompt is None:                       # the start of the first test article's body
         with open(test_path, encoding="utf-8") as f:
             body = [line for line in f if line.strip() and not line.startswith(" =")]
         prompt = " ".join(body[0].split()[:12])
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    kw = {"max_new_tokens": cfg.max_new_tokens, "do_sample": False,
-          "pad_token_id": tok.eos_token_id or 0}
-    with serving(st.uri):
-        proc = KNNLMLogitsProcessor(lm, Retriever.connect(st.uri), m.key_layer, lam, temp, k, 32)
-        with torch.no_grad():
-            with_ds = lm.generate(ids, logits_processor=[proc], **kw)
-        proc.remove()
-    with torch.no_grad():
-        base = lm.generate(ids, **kw)
-    n = ids.shape[1]
-    return {"prompt": prompt, "knnlm": tok.decode(with_ds[0, n:]), "base": tok.decode(base[0, n:]),
+    g = generate(st.uri, model, m.key_layer, prompt, lam, temp, k, 32, cfg.max_new_tokens, compare=True)
+    n, tok = g["prompt_tokens"], g["tokenizer"]
+    return {"prompt": prompt, "knnlm": tok.decode(g["knnlm"][0, n:]), "base": tok.decode(g["base"][0, n:]),
             "lambda": lam, "temperature": temp, "k": k}
 
 

@@ -107,6 +107,12 @@ OPTIONAL = ("tune", "eval", "serve")
 RENAMED = {("eval", "lambda"): "lam"}          # YAML key → field (lambda is a Python keyword)
 
 
+def yaml_keys(section: str) -> dict[str, str]:
+    """{field: its key in the file} of a section's dataclass, in field order."""
+    renamed = {f: key for (sec, key), f in RENAMED.items() if sec == section}
+    return {f.name: renamed.get(f.name, f.name) for f in fields(SECTIONS[section])}
+
+
 @dataclass
 class Pipeline:
     datastore: str
@@ -143,10 +149,7 @@ class Pipeline:
             if sec is None:
                 continue
             d = asdict(sec)
-            for (s, key), f in RENAMED.items():
-                if s == name:
-                    d[key] = d.pop(f)
-            out[name] = d
+            out[name] = {key: d[f] for f, key in yaml_keys(name).items()}
         return out
 
     def stage_configs(self) -> dict:
@@ -212,8 +215,7 @@ def parse_pipeline(data, source: str = "<pipeline>") -> Pipeline:
             raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: {name} must be a mapping of keys, got {type(raw).__name__}")
-        renamed = {f: key for (s, key), f in RENAMED.items() if s == name}      # field → its YAML key
-        names = {renamed.get(f.name, f.name): f.name for f in fields(cls)}     # YAML key → field
+        names = {key: f for f, key in yaml_keys(name).items()}                 # YAML key → field
         kw = {}
         for key, v in raw.items():
             if key not in names:

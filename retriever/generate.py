@@ -61,3 +61,28 @@ def knnlm_scores(scores: torch.Tensor, dist: np.ndarray, values: np.ndarray, lam
     else:
         mix = torch.logaddexp(np.log(lam) + knn, np.log1p(-lam) + lm.to(knn.device))
     return mix.to(torch.float32).to(scores.device)
+
+
+def generate(datastore: str, model_path: str, key_layer: str, prompt: str, lam: float, temperature: float, k: int,
+             nprobe: int = 32, max_new_tokens: int = 40, sample: bool = False, seed: int = 0, compare: bool = False,
+             address: str | None = None, cache_dir: str | None = None) -> dict:
+    """`prompt` continued with the kNN-LM (servers of `datastore`: the cluster's at `address`, else
+    embedded ones for the call) and, with `compare`, by the base LM alone, from the same seed.
+    Returns {"tokenizer", "prompt_tokens": n, "knnlm": (1, n + new) ids, "base": ids or None}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retriever.router import Retriever, serving
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    kw = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": tok.eos_token_id or 0}
+    with serving(datastore, address, cache_dir=cache_dir):
+        proc = KNNLMLogitsProcessor(model, Retriever.connect(datastore), key_layer, lam, temperature, k, nprobe)
+        torch.manual_seed(seed)
+        out = model.generate(ids, logits_processor=[proc], **kw)
+        proc.remove()
+    base = None
+    if compare:
+        torch.manual_seed(seed)
+        base = model.generate(ids, **kw)
+    return {"tokenizer": tok, "prompt_tokens": ids.shape[1], "knnlm": out, "base": base}

@@ -8,6 +8,7 @@ import os
 import sys
 
 from cluster.jobs import add_job_commands
+from cluster.storage import write_json_file
 
 log = logging.getLogger("knnlm")
 
@@ -371,8 +372,7 @@ def _cmd_tune(a) -> int:
         for path in plot(res, a.plots):
             print(f"plot: {path}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json_file(a.out, res)
     if a.record:
         record(a.record, res)
         print(f"recorded in {a.record}/manifest.json: `knnlm eval` now defaults to these values")
@@ -540,7 +540,9 @@ def _add_run(sub) -> None:
                     "file that asks for something other than what the datastore holds. The resolved file is "
                     "stored in the manifest as `pipeline`. The same file runs on a laptop (embedded Ray, local "
                     "paths) or a cluster (`address:` or --address, s3:// URIs). Relative paths in the file are "
-                    "relative to its folder. Keys are the subcommands' options with _ for -.",
+                    "relative to its folder. The inputs it names (build.corpus, tune.valid, tune.test, "
+                    "eval.corpus, a local build.model) are checked when it is loaded, before any work. Keys "
+                    "are the subcommands' options with _ for -.",
         epilog=_pipeline_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pipeline", metavar="PIPELINE.yaml")
     p.add_argument("--address", default=None,
@@ -562,8 +564,7 @@ def _cmd_run(a) -> int:
     for stage, r in res.items():
         print(f"{stage}: {r if isinstance(r, str) else json.dumps(r, default=str)[:300]}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json_file(a.out, res)
     return 0
 
 
@@ -580,7 +581,9 @@ def _add_demo(sub) -> None:
                     "perplexity table, the plots and a sample generated with and without the datastore. About "
                     "8 minutes on 2 CPU cores the first time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=d["out"].default, help="where everything goes (results.json, plots/, datastore/)")
+    p.add_argument("--out", default=d["out"].default,
+                   help="where everything goes (data/, datastore/, pipeline.yaml, plots/, results.json), relative "
+                        "to the current folder")
     p.add_argument("--model", default=None,
                    help="a causal LM (local folder or hub id, e.g. gpt2 where the hub is reachable) instead of "
                         "training the small GPT-2")

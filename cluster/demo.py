@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 
+from builder.config import ConfigError
+
 log = logging.getLogger(__name__)
 ARTICLE = re.compile(r"^ = [^=].* = $")            # " = Title = " (not " = = Section = = ")
 
@@ -74,17 +76,21 @@ def shipped_articles() -> list[str]:
 
 
 def prepare_corpus(out_dir: str, corpus: list[str] | None = None) -> dict[str, str]:
-    """{split: path} of train/valid/test text files under out_dir/data, and "format": wikitext when
-    the text is made of WikiText articles (the shipped corpus), else text."""
+    """{split: absolute path} of train/valid/test text files under out_dir/data, and "format":
+    wikitext when the text is made of WikiText articles (the shipped corpus), else text."""
+    out_dir = os.path.abspath(out_dir)
     if corpus:
-        from cluster.storage import expand_inputs, read_uri
-        text = "".join(read_uri(u).decode("utf-8") for u in expand_inputs(corpus))
+        from cluster.storage import StorageError, expand_inputs, read_uri
+        try:
+            text = "".join(read_uri(u).decode("utf-8") for u in expand_inputs(corpus))
+        except (FileNotFoundError, StorageError, ValueError) as e:     # "--corpus X: why"; not UTF-8
+            raise ConfigError(str(e) if str(e).startswith("--corpus") else f"--corpus: {e}") from None
         docs = split_documents(text)
         fmt = "wikitext" if len(split_articles(text)) >= 3 else "text"
         if len(docs) < 10:
-            raise ValueError(f"--corpus: found {len(docs)} documents; the demo needs at least 10 (articles with "
-                             "' = Title = ' lines, or paragraphs separated by blank lines) to split them into "
-                             "train, valid and test")
+            raise ConfigError(f"--corpus: found {len(docs)} documents; the demo needs at least 10 (articles with "
+                              "' = Title = ' lines, or paragraphs separated by blank lines) to split them into "
+                              "train, valid and test")
     else:
         docs, fmt = shipped_articles(), "wikitext"
     parts = deal(docs)
@@ -210,11 +216,16 @@ def default_model_cache() -> str:
     return os.path.join(default_cache_dir(), "demo-models")
 
 
-def demo_model(paths: dict[str, str], spec: ModelSpec, cache_dir: str | None = None) -> tuple[str, dict]:
-    """(model folder, its stats): the cached model of this corpus and spec, trained now if missing."""
+def demo_model_dir(paths: dict[str, str], spec: ModelSpec, cache_dir: str | None = None) -> str:
+    """The folder of the demo model of this corpus and spec (absolute; trained there by demo_model)."""
     with open(paths["train"], "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
-    path = os.path.join(cache_dir or default_model_cache(), spec.key(sha))
+    return os.path.abspath(os.path.join(cache_dir or default_model_cache(), spec.key(sha)))
+
+
+def demo_model(paths: dict[str, str], spec: ModelSpec, cache_dir: str | None = None) -> tuple[str, dict]:
+    """(model folder, its stats): the cached model of this corpus and spec, trained now if missing."""
+    path = demo_model_dir(paths, spec, cache_dir)
     if os.path.exists(os.path.join(path, "demo_model.json")):
         log.info("demo model: cached at %s", path)
     else:
@@ -243,69 +254,81 @@ class DemoConfig:
     model_cache: str | None = None
 
     def __post_init__(self):
-        from builder.config import ConfigError
         if not self.epochs > 0:
             raise ConfigError(f"--epochs must be positive (got {self.epochs})")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be positive (got {self.max_new_tokens})")
 
 
-def pipeline_spec(cfg: DemoConfig, paths: dict[str, str], model: str, dim: int, window: int,
-                  train_tokens: int) -> dict:
-    """The pipeline file the demo runs (written to OUT/pipeline.yaml: `knnlm run` reruns it)."""
-    out = os.path.abspath(cfg.out)
-    # IVF with at least 39 training keys per list (up to 1024 lists), and fast-scan PQ with 4 dims per
-    # sub-quantizer (4-bit codes, dim/8 bytes per key): 3x faster than 8-bit PQ on a CPU (README)
+def index_factory(dim: int, train_tokens: int) -> str:
+    """IVF with at least 39 training keys per list (up to 1024 lists), and fast-scan PQ with 4 dims per
+    sub-quantizer (4-bit codes, dim/8 bytes per key): 3x faster than 8-bit PQ on a CPU (README)."""
     nlist = max(16, min(1024, 2 ** int(math.log2(max(train_tokens // 39, 16)))))
     pq = next((m for m in (dim // 4, dim // 2, dim) if m and dim % m == 0 and m % 2 == 0), dim)
+    return f"IVF{nlist},PQ{pq}x4fs"
+
+
+def pipeline_spec(out: str, paths: dict[str, str], model: str, window: int | None = None,
+                  factory: str | None = None) -> dict:
+    """The pipeline file the demo runs, written to OUT/pipeline.yaml: `knnlm run` reruns it from any
+    folder, since its paths under OUT are relative to the file's folder (OUT) and the model's is absolute.
+    Without window and factory (before the model exists) it still names every input, to check them."""
+    def rel(path):
+        return os.path.relpath(path, out)
     fmt = paths["format"]
+    index = {"train_size": 200_000, "shards": 1}
     return {
-        "datastore": os.path.join(out, "datastore"),
-        "build": {"corpus": [paths["train"]], "model": model, "mode": "stream", "format": fmt,
-                  "window": window, "min_context": window // 2},
-        "index": {"factory": cfg.index_factory or f"IVF{nlist},PQ{pq}x4fs", "train_size": 200_000, "shards": 1},
-        "tune": {"valid": [paths["valid"]], "test": [paths["test"]], "format": fmt, "k": 1024,
-                 "plots": os.path.join(out, "plots"), "out": os.path.join(out, "tune.json")},
-        "eval": {"corpus": [paths["test"]], "format": fmt, "out": os.path.join(out, "eval-test.json")},
+        "datastore": "datastore",
+        "build": {"corpus": [rel(paths["train"])], "model": model, "mode": "stream", "format": fmt,
+                  "window": window, "min_context": window and window // 2},
+        "index": {"factory": factory, **index} if factory else index,
+        "tune": {"valid": [rel(paths["valid"])], "test": [rel(paths["test"])], "format": fmt, "k": 1024,
+                 "plots": "plots", "out": "tune.json"},
+        "eval": {"corpus": [rel(paths["test"])], "format": fmt, "out": "eval-test.json"},
     }
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Everything the module docstring lists; returns results.json's content."""
+    """Everything the module docstring lists; returns results.json's content. The data is written and
+    the pipeline's inputs checked before the model is trained."""
     import yaml
+    from transformers import AutoTokenizer
 
     from builder.modelinfo import inspect_model
-    from cluster.pipeline import load_pipeline, run_pipeline
+    from cluster.pipeline import load_pipeline, model_path, resolve_pipeline, run_pipeline
+    from cluster.runtime import ray_session
+    from cluster.storage import write_json_file
     t0 = time.perf_counter()
-    os.makedirs(cfg.out, exist_ok=True)
-    paths = prepare_corpus(cfg.out, cfg.corpus)
+    out = os.path.abspath(os.path.expanduser(cfg.out))
+    pfile = os.path.join(out, "pipeline.yaml")
+    os.makedirs(out, exist_ok=True)
+    paths = prepare_corpus(out, cfg.corpus)
+    spec = ModelSpec(epochs=cfg.epochs)
+    model = model_path(cfg.model, os.getcwd()) if cfg.model else demo_model_dir(paths, spec, cfg.model_cache)
+    resolve_pipeline(pipeline_spec(out, paths, model), pfile, check_model=bool(cfg.model))
     stats = None
-    if cfg.model:
-        model = cfg.model
-    else:
-        model, stats = demo_model(paths, ModelSpec(epochs=cfg.epochs), cfg.model_cache)
+    if not cfg.model:
+        model, stats = demo_model(paths, spec, cfg.model_cache)
     info = inspect_model(model, "ffn_input")
     window = cfg.window or min(info.max_positions or 1024, 1024)
-    from transformers import AutoTokenizer
     with open(paths["train"], encoding="utf-8") as f:
         train_tokens = len(AutoTokenizer.from_pretrained(info.path)(f.read())["input_ids"])
-    spec = pipeline_spec(cfg, paths, model, info.hidden_size, window, train_tokens)
-    pfile = os.path.join(cfg.out, "pipeline.yaml")
-    with open(pfile, "w") as f:
-        f.write("# written by `knnlm demo`; `knnlm run` reruns it (every stage is already done)\n")
-        yaml.safe_dump(spec, f, sort_keys=False)
-    from cluster.runtime import ray_session
+    factory = cfg.index_factory or index_factory(info.hidden_size, train_tokens)
+    with open(pfile + ".tmp", "w") as f:
+        f.write("# written by `knnlm demo`; `knnlm run` reruns it from any folder (every stage is already done)\n")
+        yaml.safe_dump(pipeline_spec(out, paths, model, window, factory), f, sort_keys=False)
+    os.replace(pfile + ".tmp", pfile)
+    p = load_pipeline(pfile)
     with ray_session(None):
-        stages = run_pipeline(load_pipeline(pfile))
-        samples = generate_samples(spec["datastore"], model, paths["test"], cfg)
+        stages = run_pipeline(p)
+        samples = generate_samples(p.datastore, model, paths["test"], cfg)
     ev, tu = stages["eval"], stages["tune"]
     result = dict(ev)
     result.update(valid_base_ppl=tu["valid_base_ppl"], valid_knnlm_ppl=tu["valid_ppl"],
                   paper_setting_test_ppl=tu.get("test_paper_ppl"), model=model, demo_model=stats,
-                  datastore=spec["datastore"], index_factory=spec["index"]["factory"],
-                  plots=tu.get("plots", []), samples=samples, seconds=round(time.perf_counter() - t0, 1))
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+                  datastore=p.datastore, index_factory=factory, plots=tu.get("plots", []), samples=samples,
+                  out=out, pipeline=pfile, seconds=round(time.perf_counter() - t0, 1))
+    write_json_file(os.path.join(out, "results.json"), result)
     return result
 
 
@@ -344,5 +367,6 @@ def report(r: dict) -> str:
     s = r["samples"]
     lines += ["", f"prompt:             {s['prompt']}", f"with the datastore: …{s['knnlm']}",
               f"base LM alone:      …{s['base']}", "",
-              f"results: {os.path.join(os.path.dirname(r['datastore']), 'results.json')} ({r['seconds']:.0f} s)"]
+              f"results: {os.path.join(r['out'], 'results.json')} ({r['seconds']:.0f} s)",
+              f"rerun the pipeline (a no-op now): knnlm run {r['pipeline']}"]
     return "\n".join(lines)

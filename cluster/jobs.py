@@ -178,12 +178,14 @@ def _job_info(client, job_id: str, addr: str):
 
 
 def load_for_submit(pipeline_path: str):
-    """The pipeline as the job will run it, checked here first: config errors show on the user's
-    terminal, not in a job log. Relative paths are resolved against the file's folder (as `knnlm run`
-    does) and written out absolute, since the job runs in another folder; on a remote cluster, paths
-    must exist there (or be s3:// URIs). The address is `auto`: the cluster the job runs on."""
+    """The pipeline as the job will run it, its keys and values checked here first: config errors
+    show on the user's terminal, not in a job log. Relative paths are resolved against the file's
+    folder (as `knnlm run` does) and written out absolute, since the job runs in another folder.
+    The inputs it names are not checked here: they must exist on the cluster (or be s3:// URIs),
+    and the job's `knnlm run` checks them there, before any work. The address is `auto`: the
+    cluster the job runs on."""
     from cluster.pipeline import load_pipeline
-    return load_pipeline(pipeline_path, "auto")
+    return load_pipeline(pipeline_path, "auto", check_inputs=False)
 
 
 def pipeline_key(p) -> str:

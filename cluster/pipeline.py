@@ -16,6 +16,8 @@ field. The resolved file (every default filled in) is stored in the manifest as 
 
 Every key has a default (see `SECTIONS`, and `knnlm run --help`); an unknown key is an error
 naming it and the closest valid key. Keys use the subcommands' option names with `_` for `-`.
+Relative paths are relative to the file's folder, and the inputs the file names (corpus, valid and
+test files, a local model folder) are checked when it is loaded, before any Ray or model work.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -183,7 +186,6 @@ class Pipeline:
 def _as_keys(msg: str, section: str) -> str:
     """A stage's message names its flags (--train-size); in a pipeline file they are keys
     (index.train_size). Flags the file has no key for (--force) stay as they are."""
-    import re
     renamed = {"index-factory": "factory", "index-shards": "shards"}
     valid = {f.name for f in fields(SECTIONS[section])}
 
@@ -243,8 +245,9 @@ def _closest(key: str, valid, prefix: str = "") -> str:
             else f"; valid keys: {', '.join(prefix + v for v in sorted(valid))}")
 
 
-def load_pipeline(path: str, address: str | None = None) -> Pipeline:
-    """Read PIPELINE.yaml (relative paths in it are relative to the file's folder)."""
+def load_pipeline(path: str, address: str | None = None, check_inputs: bool = True) -> Pipeline:
+    """Read PIPELINE.yaml: relative paths in it are relative to the file's folder, and (check_inputs)
+    every input it names must exist (see `_check_inputs`), before any Ray or model work."""
     import yaml
     try:
         with open(path, encoding="utf-8") as f:
@@ -259,11 +262,18 @@ def load_pipeline(path: str, address: str | None = None) -> Pipeline:
         raise ConfigError(f"{path}: the pipeline file is empty")
     if isinstance(data, dict) and address:
         data = dict(data, address=address)
+    return resolve_pipeline(data, path, check_inputs)
+
+
+def resolve_pipeline(data, path: str, check_inputs: bool = True, check_model: bool = True) -> Pipeline:
+    """The Pipeline of a file's mapping, as if read from `path` (which need not exist yet): relative
+    paths resolved against its folder, then (check_inputs) its inputs checked; check_model=False
+    leaves out build.model (the demo checks its inputs before it trains the model)."""
     p = parse_pipeline(data, path)
     base = os.path.dirname(os.path.abspath(path))
     p.datastore = _rel(p.datastore, base)
     p.build.corpus = [_rel(c, base) for c in p.build.corpus]
-    p.build.model = _rel(p.build.model, base, must_exist=True)
+    p.build.model = model_path(p.build.model, base)
     if p.tune:
         p.tune.valid = [_rel(c, base) for c in p.tune.valid]
         p.tune.test = [_rel(c, base) for c in p.tune.test]
@@ -272,18 +282,59 @@ def load_pipeline(path: str, address: str | None = None) -> Pipeline:
     if p.eval:
         p.eval.corpus = [_rel(c, base) for c in p.eval.corpus]
         p.eval.out = p.eval.out and _rel(p.eval.out, base)
+    if check_inputs:
+        _check_inputs(p, check_model)
     return p
 
 
-def _rel(value: str, base: str, must_exist: bool = False) -> str:
-    """A relative local path resolved against the pipeline file's folder; URIs and absolute paths as given.
-    A model that is not a local folder there is left as given (a hub id)."""
-    if not value or "://" in value or os.path.isabs(value):
+def _rel(value: str, base: str) -> str:
+    """A relative local path resolved against the pipeline file's folder (~ expanded); URIs and
+    absolute paths as given."""
+    if not value or "://" in value:
         return value
-    path = os.path.normpath(os.path.join(base, value))
-    if must_exist and not os.path.exists(path):
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?$")      # "gpt2", "meta-llama/Llama-3.2-1B"
+
+
+def model_path(value: str, base: str) -> str:
+    """build.model: a local folder resolved against the file's folder, or a Hugging Face hub id as
+    given. A value that exists there, or that only a path can be (absolute, ./, ../, ~, more than
+    one slash), is a local path; any other is a hub id."""
+    if not value or "://" in value:
         return value
-    return path
+    path = _rel(value, base)
+    if os.path.exists(path) or value.startswith((".", "/", "~")) or ".." in value or not HUB_ID.match(value):
+        return path
+    return value
+
+
+def _check_inputs(p: Pipeline, check_model: bool = True) -> None:
+    """Every input the file names exists: build.corpus, tune.valid, tune.test, eval.corpus (files,
+    folders, globs, s3:// objects or prefixes, as --corpus takes them) and build.model when it is a
+    local path. The error names the key and the resolved path or URI. Outputs (datastore, out,
+    plots) are not checked: they are created as needed."""
+    from cluster.storage import StorageError, expand_inputs
+    inputs = {"build.corpus": p.build.corpus}
+    if p.tune:
+        inputs.update({"tune.valid": p.tune.valid, "tune.test": p.tune.test})
+    if p.eval:
+        inputs["eval.corpus"] = p.eval.corpus
+    for key, specs in inputs.items():
+        try:
+            expand_inputs(specs)
+        except (FileNotFoundError, ValueError, StorageError) as e:     # "--corpus SPEC: why" names the flag
+            raise ConfigError(f"{p.source}: {key}: {str(e).removeprefix('--corpus').lstrip(': ')}") from None
+    if check_model and os.path.isabs(p.build.model):                   # resolved: a local path, not a hub id
+        from builder.modelinfo import ModelError, resolve_model_dir
+        try:
+            resolve_model_dir(p.build.model)
+        except ModelError as e:
+            why = str(e).removeprefix(f"--model {p.build.model}: ")
+            raise ConfigError(f"{p.source}: build.model: {p.build.model}: {why} (a local path; a Hugging Face "
+                              "hub id is written 'name' or 'org/name')") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +415,7 @@ def _caches(p: Pipeline) -> dict[str, str]:
 def _tune(p: Pipeline) -> dict:
     """Neighbour caches of tune.valid and tune.test (kept under DATASTORE/eval/ and reused when they
     exist with the same k and nprobe), then λ/T/k tuned on valid, reported on test."""
-    from cluster.storage import NotFound, Storage, expand_inputs
+    from cluster.storage import NotFound, Storage, expand_inputs, write_json_file
     from retriever.evaluate import EvalConfig, evaluate
     from retriever.tune import plot, read_cache, record, tune
     t = p.tune
@@ -389,8 +440,7 @@ def _tune(p: Pipeline) -> dict:
     if t.plots:
         res["plots"] = plot(res, t.plots)
     if t.out:
-        with open(t.out, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json_file(t.out, res)
     if t.record:
         record(p.datastore, res)
     res.pop("table", None)

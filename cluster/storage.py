@@ -599,3 +599,16 @@ def read_uri(uri: str) -> bytes:
             return f.read()
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e.strerror or e}") from e
+
+
+def write_json_file(path: str, obj) -> str:
+    """A local JSON output (`--out`, results.json): its folder created as needed, written aside and
+    renamed, so a reader never sees half a file. Returns the path."""
+    import json
+    path = local_path(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+    return path

@@ -368,5 +368,5 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
 
 
 def write_json(res: EvalResult, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(res.to_json(), f, indent=1)
+    from cluster.storage import write_json_file
+    write_json_file(path, res.to_json())

@@ -227,22 +227,21 @@ def test_mismatched_rerun_is_refused(tmp_path, doc_build, gpt2_model, tiny_model
 
 
 @pytest.mark.slow
-def test_real_text_real_model(tmp_path, ray_cluster):
+def test_real_text_real_model(tmp_path, ray_cluster, shared_model, wikitext_splits):
     """WikiText-2 valid split with the small GPT-2 trained on the train split (../shared): the key
     count matches the model's README (57,067 scored tokens) and sampled keys match a plain forward."""
-    from conftest import SHARED_MODEL, WIKITEXT_SPLITS
-    valid = os.path.join(WIKITEXT_SPLITS, "valid.txt")
-    res = build(BuildConfig(corpus=[valid], model=SHARED_MODEL, out=str(tmp_path / "ds"), format="wikitext",
+    valid = os.path.join(wikitext_splits, "valid.txt")
+    res = build(BuildConfig(corpus=[valid], model=shared_model, out=str(tmp_path / "ds"), format="wikitext",
                             mode="stream", window=512, min_context=256, unit_tokens=20000, progress=False))
     man, cols = read_datastore(str(tmp_path / "ds"))
     assert man["num_keys"] == 57067 == res.manifest.num_keys
     assert man["dim"] == 256 and man["key_module"] == "transformer.h.3.mlp" and man["build"]["num_units"] == 3
-    tok = AutoTokenizer.from_pretrained(SHARED_MODEL)
+    tok = AutoTokenizer.from_pretrained(shared_model)
     ids = tok(open(valid, encoding="utf-8").read())["input_ids"]
     np.testing.assert_array_equal(cols["value"], ids[1:])
     np.testing.assert_array_equal(cols["pos"], np.arange(1, len(ids)))
     # keys of the second window (targets 512..767, context from 256) and of a unit boundary
-    model = AutoModelForCausalLM.from_pretrained(SHARED_MODEL).eval()
+    model = AutoModelForCausalLM.from_pretrained(shared_model).eval()
     for s in (256, 256 * 79):
         captured = {}
         h = model.transformer.h[-1].mlp.register_forward_hook(lambda m, a, o: captured.update(x=a[0]))

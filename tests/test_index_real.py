@@ -18,11 +18,10 @@ REPORT = os.path.join(os.environ.get("TMPDIR", "/tmp"), "knnlm-index-real-text.j
 
 
 @pytest.fixture(scope="module")
-def wt2(tmp_path_factory, ray_cluster):
-    from conftest import SHARED_MODEL, WIKITEXT_SPLITS
+def wt2(tmp_path_factory, ray_cluster, shared_model, wikitext_splits):
     root = tmp_path_factory.mktemp("wt2")
     out = str(root / "ds")
-    build(BuildConfig(corpus=[os.path.join(WIKITEXT_SPLITS, "valid.txt")], model=SHARED_MODEL, out=out,
+    build(BuildConfig(corpus=[os.path.join(wikitext_splits, "valid.txt")], model=shared_model, out=out,
                       format="wikitext", mode="stream", window=512, min_context=256, progress=False))
     st = Storage.from_uri(out)
     m = load_manifest(st)

@@ -217,6 +217,17 @@ def test_config_error_before_anything_is_submitted(tmp_path, gpt2_model):
         knnlm("submit", path, "--address", f"http://127.0.0.1:{_free_port()}")
 
 
+def test_inputs_are_checked_on_the_cluster_not_here(tmp_path, gpt2_model):
+    """A path that exists on the cluster only is no error on the submitting machine: submit checks the
+    file's keys and values here, and the job's `knnlm run` checks its inputs there."""
+    path = write_pipeline(tmp_path, gpt2_model, corpus=["/data/on-the-cluster/*.txt"])
+    assert load_for_submit(path).build.corpus == ["/data/on-the-cluster/*.txt"]
+    from builder.config import ConfigError
+    from cluster.pipeline import load_pipeline
+    with pytest.raises(ConfigError, match=r"build.corpus: /data/on-the-cluster/\*.txt: no file matches"):
+        load_pipeline(path)
+
+
 def test_job_key_and_runtime_env_carry_no_credentials(tmp_path, gpt2_model):
     path = write_pipeline(tmp_path, gpt2_model)
     with submitter_secret():
@@ -316,6 +327,7 @@ def test_failed_job_is_a_clear_error(ray_head, gpt2_model, tmp_path):
         knnlm("logs", job_id, "--address", ray_head.address, "--follow")
     msg = str(e.value)
     assert f"job {job_id} FAILED" in msg and "knnlm run: error:" in msg and missing in msg
+    assert f"build.corpus: {missing}: no such file or directory" in msg      # checked on the cluster, by key
     assert f"knnlm logs {job_id} --address {ray_head.address}" in msg
     rc, out, _ = knnlm("status", job_id, "--address", ray_head.address)
     assert "FAILED" in out and missing in out

@@ -292,14 +292,15 @@ def test_a_dead_worker_has_its_chunk_redone_and_overlap_warns(ds, tmp_path, capl
 
 
 @pytest.mark.slow
-def test_real_text_knnlm_beats_the_base_lm(tmp_path, ray_cluster):
+def test_real_text_knnlm_beats_the_base_lm(tmp_path, ray_cluster, shared_model, wikitext_splits):
     """WikiText-2 end to end (bench/wikitext2_knnlm.py: build the train split with the shared small GPT-2,
     IVF-PQ, eval valid/test, tune on valid): the tuned kNN-LM is clearly better on test, with IVF-PQ
     distances and with exact re-ranking."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import wikitext2_knnlm
-    assert wikitext2_knnlm.main(["--out", str(tmp_path / "wt2"), "--result", str(tmp_path / "r.json")]) == 0
+    assert wikitext2_knnlm.main(["--out", str(tmp_path / "wt2"), "--result", str(tmp_path / "r.json"),
+                                 "--model", shared_model, "--splits", wikitext_splits]) == 0
     fig = json.loads((tmp_path / "r.json").read_text())["figures"]
     base = fig["paper_settings"]["test"]["base_ppl"]
     assert 140 < base < 155                      # the model's README: ~136 on valid, test a bit higher

@@ -61,12 +61,70 @@ def test_pipeline_file_errors_name_the_key(tmp_path):
     rc = main(["run", str(write_text(tmp_path / "typo.yaml", yaml.safe_dump(minimal(idnex={}))))])
     assert rc == 2
     # `lambda` is a key of eval (a Python keyword in the dataclass); relative paths follow the file's folder
+    for name in ("a.txt", "test.txt"):
+        write_text(tmp_path / "sub" / name, "some text")
     p = load_pipeline(write_text(tmp_path / "sub" / "ok.yaml", yaml.safe_dump(
         minimal(eval={"corpus": "test.txt", "lambda": 0.3}))))
     assert p.eval.lam == 0.3 and p.eval.corpus == [str(tmp_path / "sub" / "test.txt")]
     assert p.datastore == str(tmp_path / "sub" / "ds") and p.build.model == "m"        # not a folder: a hub id
     r = p.resolved()
     assert r["eval"]["lambda"] == 0.3 and r["index"]["factory"] == "IVF4096,PQ64" and "tune" not in r
+
+
+def test_inputs_are_checked_when_the_file_is_loaded(tmp_path, gpt2_model, monkeypatch, capsys):
+    """Every input the file names is resolved against its folder and checked by load_pipeline, before
+    any Ray or model work; the error names the key and the resolved path. Outputs are not inputs."""
+    import builder.modelinfo
+    import cluster.runtime
+
+    def no_work(*a, **kw):
+        raise AssertionError("Ray or model work before the file's inputs were checked")
+    monkeypatch.setattr(cluster.runtime, "ray_session", no_work)
+    monkeypatch.setattr(builder.modelinfo, "inspect_model", no_work)
+    sub = tmp_path / "sub"
+    for name in ("train.txt", "valid.txt", "texts/a.txt"):
+        write_text(sub / name, "some text")
+    os.makedirs(sub / "empty")
+    good = {"datastore": "out/ds", "build": {"corpus": ["train.txt", "texts/"], "model": gpt2_model}, "index": {},
+            "tune": {"valid": "valid.txt", "test": ["texts/*.txt"], "plots": "new/plots", "out": "new/tune.json"},
+            "eval": {"corpus": ["valid.txt"], "out": "new/dir/eval.json"}}
+
+    def load(**change):
+        spec = json.loads(json.dumps(good))
+        for key, v in change.items():
+            section, name = key.split("__")
+            spec[section][name] = v
+        return load_pipeline(write_text(sub / "p.yaml", yaml.safe_dump(spec)))
+
+    p = load()
+    assert p.build.corpus == [str(sub / "train.txt"), str(sub / "texts")] and p.datastore == str(sub / "out" / "ds")
+    assert p.eval.out == str(sub / "new" / "dir" / "eval.json") and not os.path.exists(sub / "new")   # created later
+    yml = str(sub / "p.yaml")
+    for change, key, path, why in [
+        ({"build__corpus": ["train.txt", "missing.txt"]}, "build.corpus", sub / "missing.txt", "no such file or directory"),
+        ({"tune__valid": ["../valid.txt"]}, "tune.valid", tmp_path / "valid.txt", "no such file or directory"),
+        ({"tune__test": ["texts/*.jsonl"]}, "tune.test", sub / "texts" / "*.jsonl", "no file matches this pattern"),
+        ({"eval__corpus": ["empty"]}, "eval.corpus", sub / "empty", "directory is empty"),
+        ({"build__corpus": ["train.txt", "./train.txt"]}, "build.corpus", sub / "train.txt", "is given more than once"),
+        ({"build__model": "./no-model"}, "build.model", sub / "no-model", "no such model directory"),
+        ({"build__model": "texts"}, "build.model", sub / "texts", "has no config.json"),
+        ({"build__model": "models/gpt2/v1"}, "build.model", sub / "models/gpt2/v1", "no such model directory"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load(**change)
+        assert str(e.value).startswith(f"{yml}: {key}: {path}"), (change, str(e.value))
+        assert why in str(e.value), (change, str(e.value))
+    assert load(build__model="org/some-model").build.model == "org/some-model"     # a hub id: checked when built
+    assert load(build__model=os.path.relpath(gpt2_model, sub)).build.model == gpt2_model
+    # the command line: a clean message naming the key, for `knnlm run` and `knnlm run --check` alike
+    load()
+    write_text(sub / "bad.yaml", yaml.safe_dump(dict(good, build={"corpus": ["nope.txt"], "model": gpt2_model})))
+    capsys.readouterr()
+    for argv in (["run", str(sub / "bad.yaml")], ["run", "--check", str(sub / "bad.yaml")]):
+        assert main(argv) == 2
+        assert f"bad.yaml: build.corpus: {sub / 'nope.txt'}: no such file or directory" in capsys.readouterr().err
+    # unchecked on request (knnlm submit: the inputs are checked on the cluster, inside the job)
+    assert load_pipeline(str(sub / "bad.yaml"), check_inputs=False).build.corpus == [str(sub / "nope.txt")]
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +141,13 @@ def test_pipeline_equals_its_stages_and_reruns_as_a_no_op(texts, gpt2_model, tmp
             "build": {"corpus": corpus, "model": gpt2_model, "window": W, "min_context": C},
             "index": {"factory": "IVF4,Flat", "train_size": 100000, "min_points_per_centroid": 1, "shards": 2,
                       "trainer": "faiss", "encoder": "faiss"},
-            "tune": {"valid": [evalf], "test": [evalf], "k": 16, "nprobe": 4, "plots": str(tmp_path / "plots")},
+            "tune": {"valid": [evalf], "test": [evalf], "k": 16, "nprobe": 4, "plots": str(tmp_path / "plots"),
+                     "out": "results/tune.json"},
             "eval": {"corpus": [evalf], "k": 16, "nprobe": 4, "out": str(tmp_path / "eval.json")}}
     path = write_text(tmp_path / "pipeline.yaml", yaml.safe_dump(spec))
-    assert main(["run", path, "--out", str(tmp_path / "run.json")]) == 0
-    out = json.load(open(tmp_path / "run.json"))
+    assert main(["run", path, "--out", str(tmp_path / "new" / "run.json")]) == 0     # outputs' folders are made
+    assert json.load(open(tmp_path / "results" / "tune.json"))["k"] <= 16
+    out = json.load(open(tmp_path / "new" / "run.json"))
     assert list(out) == ["build", "train-index", "add", "tune", "eval"]
     st = Storage.from_uri(spec["datastore"])
     m = load_manifest(st)
@@ -134,6 +194,9 @@ def test_the_same_pipeline_file_writes_to_s3(texts, gpt2_model, tmp_path, s3_buc
             "index": {"factory": "IVF4,Flat", "train_size": 100000, "min_points_per_centroid": 1, "shards": 2,
                       "trainer": "faiss", "encoder": "faiss"},
             "eval": {"corpus": [f"{src}/eval.txt"], "lambda": 0.3, "temperature": 2.0, "k": 16, "nprobe": 4}}
+    missing = dict(spec, build=dict(spec["build"], corpus=[f"{src}/nothing/"]))
+    with pytest.raises(ConfigError, match=rf"missing.yaml: build.corpus: {src}/nothing/: no object matches"):
+        load_pipeline(write_text(tmp_path / "missing.yaml", yaml.safe_dump(missing)))
     s3 = run_pipeline(load_pipeline(write_text(tmp_path / "s3.yaml", yaml.safe_dump(spec))))
     spec.update(datastore=str(tmp_path / "local"))
     spec["build"]["corpus"], spec["eval"]["corpus"] = corpus, [evalf]

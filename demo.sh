@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: install knnlm (with the CPU build of torch) into a Python
-# environment and run `knnlm demo`. Offline after the install; about 10 minutes on 2 CPU cores
+# One command on a fresh machine: install knnlm (and torch, unless the environment has it) into a
+# Python environment and run `knnlm demo`. Offline after the install; about 12 minutes on 2 CPU cores
 # the first time, the install included (the small model is cached for the next run).
 #   bash demo.sh                  # everything goes to ./knnlm-demo (in the folder you run it from)
 #   bash demo.sh --out /tmp/demo  # any `knnlm demo` option
@@ -22,7 +22,7 @@ activate() {
 [ "$stop" = env ] && { activate; exit 0; }
 
 if ! python -c "import torch" >/dev/null 2>&1; then
-    knnlm_say "installing torch 2.13.0 into $KNNLM_ENV (install your CUDA build of torch there first to use a GPU)"
+    knnlm_say "installing torch 2.13.0 into $KNNLM_ENV (to pick its build, CPU or your CUDA's, install torch there first: see the README)"
     python -m pip install -q torch==2.13.0
 fi
 knnlm_say "installing knnlm (editable, from $REPO) and its dependencies into $KNNLM_ENV"

@@ -579,7 +579,8 @@ def _add_demo(sub) -> None:
                     "train part (cached for the next run) unless --model; then build -> train-index -> add -> "
                     "tune -> eval through `knnlm run` (OUT/pipeline.yaml), ending with the base vs kNN-LM "
                     "perplexity table, the plots and a sample generated with and without the datastore. About "
-                    "8 minutes on 2 CPU cores the first time.",
+                    "10 minutes on 2 CPU cores the first time (6 of them training the model), 4 once the model is "
+                    "cached.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=d["out"].default,
                    help="where everything goes (data/, datastore/, pipeline.yaml, plots/, results.json), relative "

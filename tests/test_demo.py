@@ -62,7 +62,8 @@ def test_the_pipeline_file_runs_from_any_folder(tmp_path, monkeypatch, gpt2_mode
         p = load_pipeline(os.path.relpath(pfile))
         assert p.datastore == os.path.join(out, "datastore") and p.build.model == gpt2_model
         assert p.build.corpus == [paths["train"]] and p.eval.corpus == [paths["test"]]
-        assert (p.tune.valid, p.tune.test, p.tune.plots) == ([paths["valid"]], [paths["test"]], os.path.join(out, "plots"))
+        assert (p.tune.valid, p.tune.test) == ([paths["valid"]], [paths["test"]])
+        assert p.tune.plots == os.path.join(out, "plots") and p.eval.out == os.path.join(out, "eval-test.json")
         assert p.index.factory == "IVF16,Flat" and (p.build.window, p.build.min_context) == (64, 32)
 
 

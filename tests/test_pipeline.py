@@ -101,7 +101,7 @@ def test_inputs_are_checked_when_the_file_is_loaded(tmp_path, gpt2_model, monkey
     assert p.eval.out == str(sub / "new" / "dir" / "eval.json") and not os.path.exists(sub / "new")   # created later
     yml = str(sub / "p.yaml")
     for change, key, path, why in [
-        ({"build__corpus": ["train.txt", "missing.txt"]}, "build.corpus", sub / "missing.txt", "no such file or directory"),
+        ({"build__corpus": ["train.txt", "nope.txt"]}, "build.corpus", sub / "nope.txt", "no such file or directory"),
         ({"tune__valid": ["../valid.txt"]}, "tune.valid", tmp_path / "valid.txt", "no such file or directory"),
         ({"tune__test": ["texts/*.jsonl"]}, "tune.test", sub / "texts" / "*.jsonl", "no file matches this pattern"),
         ({"eval__corpus": ["empty"]}, "eval.corpus", sub / "empty", "directory is empty"),

@@ -297,7 +297,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from builder.modelinfo import inspect_model
     from cluster.pipeline import load_pipeline, model_path, resolve_pipeline, run_pipeline
     from cluster.runtime import ray_session
-    from cluster.storage import write_json_file
+    from cluster.storage import write_json_file, write_local_text
     t0 = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
     pfile = os.path.join(out, "pipeline.yaml")
@@ -314,10 +314,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     with open(paths["train"], encoding="utf-8") as f:
         train_tokens = len(AutoTokenizer.from_pretrained(info.path)(f.read())["input_ids"])
     factory = cfg.index_factory or index_factory(info.hidden_size, train_tokens)
-    with open(pfile + ".tmp", "w") as f:
-        f.write("# written by `knnlm demo`; `knnlm run` reruns it from any folder (every stage is already done)\n")
-        yaml.safe_dump(pipeline_spec(out, paths, model, window, factory), f, sort_keys=False)
-    os.replace(pfile + ".tmp", pfile)
+    write_local_text(pfile, "# written by `knnlm demo`; `knnlm run` reruns it from any folder (every stage is "
+                            "already done)\n" + yaml.safe_dump(pipeline_spec(out, paths, model, window, factory),
+                                                                sort_keys=False))
     p = load_pipeline(pfile)
     with ray_session(None):
         stages = run_pipeline(p)

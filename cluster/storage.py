@@ -601,14 +601,16 @@ def read_uri(uri: str) -> bytes:
         raise StorageError(f"cannot read {uri}: {e.strerror or e}") from e
 
 
-def write_json_file(path: str, obj) -> str:
-    """A local JSON output (`--out`, results.json): its folder created as needed, written aside and
-    renamed, so a reader never sees half a file. Returns the path."""
-    import json
+def write_local_text(path: str, text: str) -> str:
+    """A local output file (`--out`, results.json, the demo's pipeline.yaml), written as a datastore
+    file is (LocalStorage.write_bytes): its folder created as needed, written aside and renamed.
+    Returns the absolute path."""
     path = local_path(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    LocalStorage(os.path.dirname(path)).write_text(os.path.basename(path), text)
     return path
+
+
+def write_json_file(path: str, obj) -> str:
+    """A local JSON output (see write_local_text). Returns the absolute path."""
+    import json
+    return write_local_text(path, json.dumps(obj, indent=1, default=str))

@@ -80,11 +80,22 @@ def prepare_corpus(out_dir: str, corpus: list[str] | None = None) -> dict[str, s
     wikitext when the text is made of WikiText articles (the shipped corpus), else text."""
     out_dir = os.path.abspath(out_dir)
     if corpus:
+        from builder.corpus import _decode
         from cluster.storage import StorageError, expand_inputs, read_uri
         try:
-            text = "".join(read_uri(u).decode("utf-8") for u in expand_inputs(corpus))
-        except (FileNotFoundError, StorageError, ValueError) as e:     # "--corpus X: why"; not UTF-8
-            raise ConfigError(str(e) if str(e).startswith("--corpus") else f"--corpus: {e}") from None
+            uris = expand_inputs(corpus)
+        except (FileNotFoundError, ValueError) as e:                    # "--corpus X: why"
+            raise ConfigError(str(e)) from None
+        texts = []
+        for u in uris:
+            try:
+                t, bad = _decode(read_uri(u), u, "file")
+            except StorageError as e:
+                raise ConfigError(f"--corpus {u}: {e}") from None
+            if bad:
+                raise ConfigError(f"--corpus {u}: {bad}")
+            texts.append(t)
+        text = "".join(texts)
         docs = split_documents(text)
         fmt = "wikitext" if len(split_articles(text)) >= 3 else "text"
         if len(docs) < 10:

@@ -41,6 +41,10 @@ def test_user_corpus_is_split_by_paragraph_or_refused(tmp_path):
         prepare_corpus(str(tmp_path / "out"), [str(few)])
     with pytest.raises(ConfigError, match=r"--corpus nowhere.txt: no such file or directory"):
         prepare_corpus(str(tmp_path / "out"), ["nowhere.txt"])
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Caf\u00e9 au lait.\n\n".encode("latin-1") * 20)
+    with pytest.raises(ConfigError, match=rf"--corpus {latin}: not valid UTF-8 \(byte 3 of the file\)"):
+        prepare_corpus(str(tmp_path / "out"), [str(latin)])
     with pytest.raises(ConfigError, match="--epochs must be positive"):
         DemoConfig(epochs=0)
 

@@ -528,7 +528,7 @@ def main(argv=None) -> int:
             import ray
 
             from builder.build import build
-            from cluster.runtime import cluster_resources
+            from builder.runtime import cluster_resources
             t = time.perf_counter()
             ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
             ray_init_s = time.perf_counter() - t

@@ -46,7 +46,7 @@ def base_lm_seconds(model: str, corpus: str, window: int, min_context: int, batc
 
     from builder.corpus import tokenize_file
     from builder.keys import load_encoder
-    from cluster.storage import read_uri
+    from builder.storage import read_uri
     from retriever.evaluate import plan_chunks, score_windows
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             build(BuildConfig(corpus=[os.path.join(a.splits, "train.txt")], model=a.model, out=ds, format="wikitext",
                               mode="stream", window=512, min_context=256, progress=False))
         from builder.manifest import load_manifest
-        from cluster.storage import Storage
+        from builder.storage import Storage
         m = load_manifest(Storage.from_uri(ds))
         figures["datastore_keys"] = m.num_keys
         base = [base_lm_seconds(a.model, test, m.window, m.min_context, a.batch_size, threads)]

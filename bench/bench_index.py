@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from builder.sample import sample_keys
     from builder.shards import read_shard
     from builder.synthetic import write_synthetic_datastore
-    from cluster.storage import Storage
+    from builder.storage import Storage
 
     machine = machine_info(a.device)
     machine["faiss"] = faiss.__version__

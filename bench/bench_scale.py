@@ -297,7 +297,7 @@ def helper_add(uri: str, num: int, threads: int) -> float:
     from builder.add import iter_key_range
     from builder.manifest import load_manifest
     from builder.train import load_trained_index
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(uri)
     m = load_manifest(st)
     trained = load_trained_index(st, m)
@@ -344,7 +344,7 @@ def run_size(a, n: int, out_path: str) -> None:
     from builder.manifest import load_manifest
     from builder.synthetic import synthetic_keys, write_synthetic_datastore
     from builder.train import train_stage
-    from cluster.storage import Storage, local_path
+    from builder.storage import Storage, local_path
     from retriever import Retriever, start_servers, stop_servers
 
     fixed = a.fixed_shard_size or max(1, a.sizes_list[0] // a.index_shards)

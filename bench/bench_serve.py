@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     from builder.manifest import load_manifest
     from builder.synthetic import synthetic_keys, write_synthetic_datastore
     from builder.train import load_trained_index, train_stage
-    from cluster.storage import Storage
+    from builder.storage import Storage
     from retriever import Retriever, start_servers, stop_servers
 
     machine = machine_info("cpu")

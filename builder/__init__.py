@@ -1,1 +1,2 @@
-"""Datastore builder: corpus → tokens → keys → shards + manifest (see builder/build.py)."""
+"""The bottom layer: the datastore and what it stands on (storage, the Ray helpers, corpus, keys,
+key shards, manifest, index training and add). Imports nothing from retriever/ or cluster/."""

@@ -29,13 +29,26 @@ import numpy as np
 from builder.config import AddConfig, ConfigError
 from builder.faults import maybe_fault
 from builder.index import Encoder, file_sha256, is_fastscan, resolve_backend
-from builder.layout import (ADD_REQUEST, INDEX_LEASE, MERGED_INDEX, MERGED_IVFDATA, index_shard_path,
-                            index_shard_record_path)
+from builder.layout import (
+    ADD_REQUEST,
+    INDEX_LEASE,
+    MERGED_INDEX,
+    MERGED_IVFDATA,
+    index_shard_path,
+    index_shard_record_path,
+)
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.runtime import (
+    cluster_resources,
+    max_node_cpus,
+    ray_session,
+    unwrap_task_error,
+)
+from builder.sample import row_groups
 from builder.shards import ShardError, load_shard, read_row_group
+from builder.storage import NotFound, Storage, StorageError
 from builder.train import IndexBuildError, load_trained_index
-from cluster.storage import NotFound, Storage, StorageError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (ConfigError, ManifestError, ShardError, StorageError, IndexBuildError, ValueError)
@@ -69,7 +82,6 @@ def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch
 def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tuple[str, ...] = ("key",),
                prefetch: bool = True) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Like iter_key_range, for any shard columns: (ids, {column: array}) batches."""
-    from builder.sample import row_groups
     rg = row_groups(m)                                     # the layout sampling uses too
     last = first + num
     sel = np.flatnonzero((rg.first_id < last) & (rg.first_id + rg.num_rows > first))  # groups, id order
@@ -190,7 +202,6 @@ def _describe(ranges: list) -> str:
 
 
 def _unwrap(e: BaseException, what: str) -> IndexBuildError:
-    from cluster.runtime import unwrap_task_error
     return unwrap_task_error(e, what, USER_ERRORS, IndexBuildError)
 
 
@@ -221,7 +232,6 @@ def add_stage(cfg: AddConfig) -> AddResult:
         if not cfg.merge or m.index_merged:
             return AddResult(m, already_done=True, merged=bool(m.index_merged))
 
-    from cluster.runtime import ray_session
     with Lease(storage, cfg.lease_ttl, INDEX_LEASE, "index build") as lease:
         m = load_manifest(storage)
         if m.index_shards and not cfg.force:   # only the merge is left
@@ -293,7 +303,6 @@ def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pen
     import ray
     import ray.exceptions as rex
 
-    from cluster.runtime import cluster_resources, max_node_cpus
     cpus, gpus = cluster_resources()
     use_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.encoder != "faiss" and not fastscan
     if cfg.device == "cuda" and gpus == 0:

@@ -24,15 +24,53 @@ import numpy as np
 import ray
 
 from builder.config import BuildConfig, ConfigError
-from builder.corpus import InputError, Unit, UnitError, count_targets, detect_format, plan_units, tokenize_file
+from builder.corpus import (
+    InputError,
+    Unit,
+    UnitError,
+    count_targets,
+    detect_format,
+    plan_units,
+    tokenize_file,
+)
+from builder.errors import KnnlmError
+from builder.keys import load_encoder
 from builder.layout import tokens_meta_path, tokens_path, unit_record_path
 from builder.lease import Lease, LeaseError
-from builder.manifest import (MANIFEST, REQUEST, Manifest, ManifestError, compare_identity, load_manifest,
-                              package_versions)
-from builder.modelinfo import ModelError, ModelInfo, config_max_positions, inspect_model, resolve_model_dir
+from builder.manifest import (
+    MANIFEST,
+    REQUEST,
+    Manifest,
+    ManifestError,
+    compare_identity,
+    load_manifest,
+    package_versions,
+)
+from builder.modelinfo import (
+    ModelError,
+    ModelInfo,
+    config_max_positions,
+    inspect_model,
+    resolve_model_dir,
+)
+from builder.runtime import (
+    cluster_resources,
+    max_node_cpus,
+    ray_session,
+    unwrap_task_error,
+)
 from builder.shards import SHARD_FORMAT
-from cluster.storage import (NotFound, Storage, StorageError, expand_inputs, is_s3, local_path, read_uri,
-                             size_uri)
+from builder.storage import (
+    NotFound,
+    Storage,
+    StorageError,
+    expand_inputs,
+    is_s3,
+    local_path,
+    read_uri,
+    size_uri,
+)
+from builder.unit import UnitParams, run_unit
 
 log = logging.getLogger(__name__)
 MAX_UNIT_ATTEMPTS = 3
@@ -42,7 +80,7 @@ DRIVER_TOKENIZE_BYTES = 32 << 20  # a local corpus this small is tokenized on th
 SHOW_SKIPPED = 20
 
 
-class BuildError(RuntimeError):
+class BuildError(KnnlmError, RuntimeError):
     """A build failed for a reason stated in the message; nothing partial was committed."""
 
 
@@ -109,7 +147,6 @@ class KeyWorkerImpl:
         import torch
         import transformers
 
-        from builder.keys import load_encoder
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         torch.set_num_threads(threads)
@@ -127,7 +164,6 @@ class KeyWorkerImpl:
 
     @ray.method(concurrency_group="compute")
     def run(self, unit: dict, params: dict) -> dict:
-        from builder.unit import UnitParams, run_unit
         u = Unit.from_dict(unit)
         self.unit_rows = (u.id, 0)
 
@@ -185,7 +221,6 @@ def _explicit_dtype(cfg: BuildConfig) -> str | None:
 
 
 def _unwrap(e: BaseException, what: str) -> BuildError:
-    from cluster.runtime import unwrap_task_error
     return unwrap_task_error(e, what, USER_ERRORS, BuildError)
 
 
@@ -232,7 +267,6 @@ def build(cfg: BuildConfig) -> BuildResult:
         log.info("%s is already complete (%d keys); nothing to do", storage.uri, m.num_keys)
         return BuildResult(m, already_complete=True)
 
-    from cluster.runtime import cluster_resources, max_node_cpus, ray_session
     with cf.ThreadPoolExecutor(1, thread_name_prefix="knnlm-inspect") as pool:
         inspecting = pool.submit(inspect)
         with ray_session(cfg.address) as ray:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from builder.errors import KnnlmError
+
 KEY_LAYERS = ("ffn_input", "final_hidden")
 MODES = ("stream", "document")
 FORMATS = ("auto", "text", "wikitext", "jsonl", "parquet")
@@ -11,7 +13,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_DEFAULT_WINDOW = 1024
 
 
-class ConfigError(ValueError):
+class ConfigError(KnnlmError, ValueError):
     """A user-facing configuration error; the message names the flag."""
 
 

@@ -20,17 +20,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from builder.errors import KnnlmError
+
 log = logging.getLogger(__name__)
 
 STREAM_RECORD_SEPARATOR = "\n\n"  # joins JSONL/Parquet records into one stream-mode sequence
 _WIKI_TITLE = re.compile(rb"^ = [^=](?:.*[^=])? = *\r?\n?$")
 
 
-class InputError(ValueError):
+class InputError(KnnlmError, ValueError):
     """Bad corpus input; the message names the file (and record) and the flag to change."""
 
 
-class UnitError(RuntimeError):
+class UnitError(KnnlmError, RuntimeError):
     """A work unit failed because of its data (e.g. a non-finite key); retrying will not help."""
 
 

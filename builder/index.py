@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from builder.config import ConfigError
+from builder.kmeans import TorchEncoder, train_index_torch
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,6 @@ def train_index(x: np.ndarray, factory: str, metric: str, seed: int, backend: st
         gpu.train(x)
         index = faiss.index_gpu_to_cpu(gpu)
     elif backend == "torch":
-        from builder.kmeans import train_index_torch
         train_index_torch(index, x, device=device, seed=seed)
     else:
         raise ValueError(f"unknown trainer {backend!r}")
@@ -263,7 +263,6 @@ class Encoder:
             self.res = faiss.StandardGpuResources()
             self.gpu = faiss.index_cpu_to_gpu(self.res, 0, self.index)
         elif backend == "torch":
-            from builder.kmeans import TorchEncoder
             self.torch = TorchEncoder(trained, device)   # centroids stay on the device across batches
 
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:

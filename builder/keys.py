@@ -15,13 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from builder.errors import KnnlmError
+
 log = logging.getLogger(__name__)
 
 # names of the feed-forward module inside a transformer block, across HF families
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "ff", "block_sparse_moe", "fc1")
 
 
-class KeyLayerError(ValueError):
+class KeyLayerError(KnnlmError, ValueError):
     pass
 
 

@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 
-from cluster.storage import NotFound, Storage
+from builder.errors import KnnlmError
+from builder.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 LEASE = "_build/lease.json"
 
 
-class LeaseError(RuntimeError):
+class LeaseError(KnnlmError, RuntimeError):
     pass
 
 

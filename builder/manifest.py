@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from cluster.storage import NotFound, Storage
+from builder.errors import KnnlmError
+from builder.storage import NotFound, Storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -34,7 +35,7 @@ IDENTITY_FLAGS = {
 }
 
 
-class ManifestError(ValueError):
+class ManifestError(KnnlmError, ValueError):
     pass
 
 

@@ -8,6 +8,9 @@ import logging
 import os
 from dataclasses import dataclass
 
+from builder.errors import KnnlmError
+from builder.keys import find_key_module
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -15,7 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "vocab.txt")
 
 
-class ModelError(ValueError):
+class ModelError(KnnlmError, ValueError):
     pass
 
 
@@ -127,7 +130,6 @@ def inspect_model(model: str, key_layer: str, name: str | None = None) -> ModelI
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from builder.keys import find_key_module
 
     path = resolve_model_dir(model)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 
 from builder.manifest import Manifest
 from builder.shards import open_shard, read_row_group
-from cluster.storage import Storage
+from builder.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.errors import KnnlmError
+from builder.storage import NotFound
+
 SHARD_FORMAT = "parquet"
 COLUMNS = ("key", "value", "doc", "pos")
 
@@ -92,7 +95,6 @@ def verify_shards(storage, manifest, threads: int = 8) -> list[str]:
     Reads every shard, `threads` at a time."""
     import concurrent.futures as cf
 
-    from cluster.storage import NotFound
 
     def check(s: dict) -> str | None:
         try:
@@ -120,7 +122,7 @@ def verify_shards(storage, manifest, threads: int = 8) -> list[str]:
 # reading shards for the index stages: checked against the manifest, errors name the shard
 
 
-class ShardError(ValueError):
+class ShardError(KnnlmError, ValueError):
     """A key shard is missing, corrupted or does not match the manifest."""
 
 
@@ -142,7 +144,6 @@ def _check_parquet(pf: pq.ParquetFile, storage, s: dict, dim: int) -> pq.Parquet
 
 def open_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
     """A shard's Parquet file for reading selected row groups (ranged reads on S3)."""
-    from cluster.storage import NotFound
     try:
         f = storage.open_read(s["path"])
         pf = pq.ParquetFile(pa.PythonFile(f, mode="r"))
@@ -155,7 +156,6 @@ def open_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
 
 def load_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
     """A whole shard read into memory and checked against its manifest checksum."""
-    from cluster.storage import NotFound
     try:
         data = storage.read_bytes(s["path"])
     except NotFound:

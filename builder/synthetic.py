@@ -13,7 +13,7 @@ import numpy as np
 
 from builder.manifest import Manifest, write_manifest
 from builder.shards import SHARD_FORMAT, encode_shard
-from cluster.storage import Storage
+from builder.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,31 @@ from dataclasses import dataclass
 import numpy as np
 
 from builder.config import ConfigError, TrainConfig
-from builder.index import (check_factory, check_train_size, fastscan_factory, index_to_bytes, quantization_error,
-                           resolve_backend, train_index)
+from builder.errors import KnnlmError
+from builder.index import (
+    check_factory,
+    check_train_size,
+    fastscan_factory,
+    index_from_bytes,
+    index_to_bytes,
+    metric_name,
+    quantization_error,
+    resolve_backend,
+    train_index,
+)
 from builder.layout import INDEX_LEASE
 from builder.lease import Lease
-from builder.manifest import Manifest, ManifestError, load_manifest, package_versions, write_manifest
+from builder.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    package_versions,
+    write_manifest,
+)
+from builder.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
 from builder.sample import sample_checksum, sample_keys
 from builder.shards import checksum
-from cluster.storage import NotFound, Storage
+from builder.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +53,7 @@ TRAIN_IDENTITY = {"factory": "--index-factory", "metric": "--metric", "train_siz
 QERR_KEYS = 20000  # keys of the sample on which the quantization error is reported
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(KnnlmError, RuntimeError):
     """An index stage failed for a reason stated in the message; nothing partial was committed."""
 
 
@@ -145,7 +162,6 @@ def train_on_cluster(cfg: TrainConfig, address: str | None):
     cluster has GPUs): the sample is read and the index trained there, not on the driver."""
     import ray
 
-    from cluster.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
     with ray_session(address):
         cpus, gpus = cluster_resources()
         want_gpu = (gpus > 0 and cfg.device in ("auto", "cuda") and cfg.trainer != "faiss"
@@ -165,7 +181,6 @@ def train_on_cluster(cfg: TrainConfig, address: str | None):
 
 def load_trained_index(storage: Storage, m: Manifest):
     """The manifest's trained index, checked: present, checksum, dim and metric."""
-    from builder.index import index_from_bytes, metric_name
     if not m.index:
         raise IndexBuildError(f"{storage.uri} has no trained index: run `knnlm train-index {storage.uri}` first")
     try:

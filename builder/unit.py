@@ -21,7 +21,7 @@ from builder.faults import maybe_fault
 from builder.keys import KeyEncoder, WindowJob, compute_keys
 from builder.layout import shard_path, tokens_path, unit_record_path
 from builder.shards import encode_shard
-from cluster.storage import Storage
+from builder.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Cluster side: storage URIs, the Ray runtime, the `knnlm` command line."""
+"""The top layer: the `knnlm` command line, pipeline files, Ray Jobs submission, the demo."""

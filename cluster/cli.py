@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 
+from builder.errors import KnnlmError
+from builder.storage import write_json_file
 from cluster.jobs import add_job_commands
-from cluster.storage import write_json_file
 
 log = logging.getLogger("knnlm")
 
@@ -214,7 +215,7 @@ def _print_status(rows: list[dict]) -> int:
 def _cmd_serve(a) -> int:
     import time
 
-    from cluster.runtime import connect_ray, ray_session
+    from builder.runtime import connect_ray, ray_session
     from retriever.router import server_status, start_servers, stop_servers
     if a.status or a.stop:
         import ray
@@ -402,7 +403,7 @@ def _add_generate(sub) -> None:
 
 def _cmd_generate(a) -> int:
     from builder.manifest import load_manifest
-    from cluster.storage import Storage
+    from builder.storage import Storage
     from retriever.evaluate import check_model, knnlm_settings
     from retriever.generate import generate
     st = Storage.from_uri(a.datastore)
@@ -458,7 +459,7 @@ def _add_info(sub) -> None:
 
 def _cmd_info(a) -> int:
     from builder.manifest import load_manifest
-    from cluster.storage import Storage
+    from builder.storage import Storage
     m = load_manifest(Storage.from_uri(a.datastore))
     if a.json:
         print(m.to_json())
@@ -491,7 +492,7 @@ def _add_verify(sub) -> None:
 def _cmd_verify(a) -> int:
     from builder.manifest import load_manifest
     from builder.shards import verify_shards
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)  # also checks that ids are contiguous
     from builder.add import verify_index_files
@@ -636,21 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "huggingface_hub", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from builder.build import BuildError
-    from builder.config import ConfigError
-    from builder.lease import LeaseError
-    from builder.manifest import ManifestError
-    from builder.shards import ShardError
-    from builder.train import IndexBuildError
-    from cluster.runtime import ClusterError
-    from cluster.storage import StorageError
-    from retriever.evaluate import EvalError
-    from retriever.router import RetrieverError
-    from retriever.server import RequestError, ServerError
     try:
         return args.func(args)
-    except (BuildError, ConfigError, ManifestError, StorageError, IndexBuildError, ShardError, LeaseError,
-            ClusterError, RetrieverError, RequestError, ServerError, EvalError) as e:
+    except KnnlmError as e:
         if args.verbose:
             raise
         print(f"knnlm {args.command}: error: {e}", file=sys.stderr)

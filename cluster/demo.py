@@ -81,7 +81,7 @@ def prepare_corpus(out_dir: str, corpus: list[str] | None = None) -> dict[str, s
     out_dir = os.path.abspath(out_dir)
     if corpus:
         from builder.corpus import _decode
-        from cluster.storage import StorageError, expand_inputs, read_uri
+        from builder.storage import StorageError, expand_inputs, read_uri
         try:
             uris = expand_inputs(corpus)
         except (FileNotFoundError, ValueError) as e:                    # "--corpus X: why"
@@ -306,9 +306,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     from transformers import AutoTokenizer
 
     from builder.modelinfo import inspect_model
-    from cluster.pipeline import load_pipeline, model_path, resolve_pipeline, run_pipeline
-    from cluster.runtime import ray_session
-    from cluster.storage import write_json_file, write_local_text
+    from builder.runtime import ray_session
+    from builder.storage import write_json_file, write_local_text
+    from cluster.pipeline import (
+        load_pipeline,
+        model_path,
+        resolve_pipeline,
+        run_pipeline,
+    )
     t0 = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
     pfile = os.path.join(out, "pipeline.yaml")
@@ -346,7 +351,7 @@ def generate_samples(datastore: str, model: str, test_path: str, cfg: DemoConfig
     """One greedy continuation of a prompt with and without the datastore (tuned λ, T, k); the default
     prompt opens the first held-out (test) article."""
     from builder.manifest import load_manifest
-    from cluster.storage import Storage
+    from builder.storage import Storage
     from retriever.evaluate import knnlm_settings
     from retriever.generate import generate
     st = Storage.from_uri(datastore)

@@ -39,7 +39,7 @@ import tempfile
 import time
 from urllib.parse import urlparse
 
-from cluster.runtime import ClusterError
+from builder.runtime import ClusterError
 
 log = logging.getLogger(__name__)
 

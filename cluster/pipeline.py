@@ -316,7 +316,7 @@ def _check_inputs(p: Pipeline, check_model: bool = True) -> None:
     folders, globs, s3:// objects or prefixes, as --corpus takes them) and build.model when it is a
     local path. The error names the key and the resolved path or URI. Outputs (datastore, out,
     plots) are not checked: they are created as needed."""
-    from cluster.storage import StorageError, expand_inputs
+    from builder.storage import StorageError, expand_inputs
     inputs = {"build.corpus": p.build.corpus}
     if p.tune:
         inputs.update({"tune.valid": p.tune.valid, "tune.test": p.tune.test})
@@ -343,7 +343,7 @@ def _check_inputs(p: Pipeline, check_model: bool = True) -> None:
 
 def run_pipeline(p: Pipeline) -> dict:
     """Run every stage (see the module docstring); returns {stage: summary or result}."""
-    from cluster.runtime import ray_session
+    from builder.runtime import ray_session
     cfgs = p.stage_configs()
     out: dict = {}
     stages = ["build", "train-index", "add"] + [s for s in ("tune", "eval", "serve") if getattr(p, s)]
@@ -395,7 +395,7 @@ def record_pipeline(p: Pipeline) -> None:
     from builder.layout import INDEX_LEASE
     from builder.lease import Lease
     from builder.manifest import load_manifest, write_manifest
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(p.datastore)
     with Lease(st, 60.0, INDEX_LEASE, "pipeline record") as lease:
         m = load_manifest(st)
@@ -407,7 +407,7 @@ def record_pipeline(p: Pipeline) -> None:
 
 
 def _caches(p: Pipeline) -> dict[str, str]:
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(p.datastore)
     return {"valid": st.url("eval/valid-neighbours"), "test": st.url("eval/test-neighbours")}
 
@@ -415,7 +415,7 @@ def _caches(p: Pipeline) -> dict[str, str]:
 def _tune(p: Pipeline) -> dict:
     """Neighbour caches of tune.valid and tune.test (kept under DATASTORE/eval/ and reused when they
     exist with the same k and nprobe), then λ/T/k tuned on valid, reported on test."""
-    from cluster.storage import NotFound, Storage, expand_inputs, write_json_file
+    from builder.storage import NotFound, Storage, expand_inputs, write_json_file
     from retriever.evaluate import EvalConfig, evaluate
     from retriever.tune import plot, read_cache, record, tune
     t = p.tune

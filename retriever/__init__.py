@@ -5,8 +5,15 @@
     dist, ids, values = r.search(queries, k=1024, nprobe=32)
 """
 from retriever.merge import merge_topk
-from retriever.router import (Retriever, RetrieverError, SearchResult, find_servers, server_status, start_servers,
-                              stop_servers)
+from retriever.router import (
+                              Retriever,
+                              RetrieverError,
+                              SearchResult,
+                              find_servers,
+                              server_status,
+                              start_servers,
+                              stop_servers,
+)
 from retriever.server import RequestError, ServerError, ShardServer
 
 __all__ = ["Retriever", "RetrieverError", "SearchResult", "RequestError", "ServerError", "ShardServer", "merge_topk",

@@ -23,13 +23,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.config import ConfigError
-from retriever.knnlm import interpolate, knn_log_probs, perplexity
+from builder.corpus import detect_format, plan_windows, tokenize_file
+from builder.errors import KnnlmError
+from builder.faults import maybe_fault
+from builder.keys import load_encoder
+from builder.manifest import load_manifest
+from builder.modelinfo import ModelError, inspect_model
+from builder.runtime import cluster_resources, ray_session, unwrap_task_error
+from builder.storage import Storage, expand_inputs, read_uri, write_json_file
+from retriever.knnlm import (
+    PAPER_K,
+    PAPER_LAMBDA,
+    PAPER_TEMPERATURE,
+    interpolate,
+    knn_log_probs,
+    perplexity,
+)
+from retriever.router import Retriever, RetrieverError, serving
+from retriever.server import RequestError
+from retriever.tune import write_chunk
 
 log = logging.getLogger(__name__)
-PAPER_LAMBDA, PAPER_TEMPERATURE, PAPER_K = 0.25, 1.0, 1024
 
 
-class EvalError(RuntimeError):
+class EvalError(KnnlmError, RuntimeError):
     """The evaluation cannot run as asked (mismatched model, empty text, no index ...)."""
 
 
@@ -52,7 +69,6 @@ class Chunk:
 def plan_chunks(sequences: list[np.ndarray], window: int, min_context: int, chunk_targets: int = 8192) -> list[Chunk]:
     """The scoring windows of every sequence (as the builder plans them), cut into chunks of about
     `chunk_targets` targets. Depends only on the text and the manifest, not on the workers."""
-    from builder.corpus import plan_windows
     chunks = [Chunk(0)]
     for seq in sequences:
         if len(seq) < 2:
@@ -111,7 +127,6 @@ class EvalWorkerImpl:
         import torch
         import transformers
 
-        from builder.keys import load_encoder
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         if threads:
@@ -123,13 +138,11 @@ class EvalWorkerImpl:
     def retriever(self):
         """Connected on first use: the worker starts before the servers are up (see `evaluate`)."""
         if self._retriever is None:
-            from retriever.router import Retriever
             self._retriever = Retriever.connect(self.datastore)
         return self._retriever
 
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
             batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
-        from builder.faults import maybe_fault
         maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it and retries
         t0 = time.perf_counter()
         q, lm, tgt = score_windows(windows, self.encoder, batch_size)
@@ -149,8 +162,6 @@ class EvalWorkerImpl:
         mix = interpolate(lm, knn, lam)
         t2 = time.perf_counter()
         if save_uri:
-            from cluster.storage import Storage
-            from retriever.tune import write_chunk
             write_chunk(Storage.from_uri(save_uri), chunk_id, tgt, lm, np.concatenate(dists), np.concatenate(values))
         # lm: the forward (queries and log-probs); search: the router's calls; combine: p_kNN and the mix
         return {"lm": lm, "knnlm": mix, "tokens": len(q),
@@ -232,7 +243,6 @@ class EvalResult:
 def check_model(model: str | None, m) -> "object":
     """The ModelInfo of `model` (default: the manifest's), refused unless it is the model, tokenizer and
     key module that built the datastore."""
-    from builder.modelinfo import ModelError, inspect_model
     model = model or m.model.get("path") or m.model["name"]
     try:
         info = inspect_model(model, m.key_layer)
@@ -257,10 +267,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     small evaluation. A failed check kills them before any work."""
     import ray
 
-    from builder.manifest import load_manifest
-    from cluster.runtime import cluster_resources, ray_session
-    from cluster.storage import Storage
-    from retriever.router import serving
 
     t0 = time.perf_counter()
     st = Storage.from_uri(cfg.datastore)
@@ -311,8 +317,6 @@ def _plan(cfg: EvalConfig, m, mode: str, model_path: str) -> tuple[list[Chunk], 
     """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text."""
     from transformers import AutoTokenizer
 
-    from builder.corpus import detect_format, tokenize_file
-    from cluster.storage import expand_inputs, read_uri
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.model_max_length = 1 << 60
     try:
@@ -342,9 +346,6 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
     """Each chunk on the next free worker; {chunk id: its result}."""
     import ray
 
-    from cluster.runtime import unwrap_task_error
-    from retriever.router import RetrieverError
-    from retriever.server import RequestError
     results: dict[int, dict] = {}
     queue = list(chunks)
     inflight: dict = {}
@@ -368,5 +369,4 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
 
 
 def write_json(res: EvalResult, path: str) -> None:
-    from cluster.storage import write_json_file
     write_json_file(path, res.to_json())

@@ -11,11 +11,13 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from builder.keys import find_key_module
+from retriever.router import Retriever, serving
+
 
 class KNNLMLogitsProcessor(LogitsProcessor):
     def __init__(self, model, retriever, key_layer: str, lam: float = 0.25, temperature: float = 1.0, k: int = 1024,
                  nprobe: int = 32, rerank: bool = False):
-        from builder.keys import find_key_module
         if not 0 <= lam <= 1:
             raise ValueError(f"--lambda must be in [0, 1] (got {lam})")
         self.retriever, self.lam, self.temperature, self.k, self.nprobe = retriever, lam, temperature, k, nprobe
@@ -71,7 +73,6 @@ def generate(datastore: str, model_path: str, key_layer: str, prompt: str, lam: 
     Returns {"tokenizer", "prompt_tokens": n, "knnlm": (1, n + new) ids, "base": ids or None}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retriever.router import Retriever, serving
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     ids = tok(prompt, return_tensors="pt")["input_ids"]

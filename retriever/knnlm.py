@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+PAPER_LAMBDA, PAPER_TEMPERATURE, PAPER_K = 0.25, 1.0, 1024     # the paper's λ and T; its k
+
 
 def knn_log_probs(dist: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float,
                   metric: str = "l2") -> np.ndarray:

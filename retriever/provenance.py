@@ -10,15 +10,19 @@ import json
 
 import numpy as np
 
+from builder.keys import load_encoder
 from builder.layout import tokens_meta_path, tokens_path
-from builder.manifest import Manifest
+from builder.manifest import Manifest, load_manifest
+from builder.sample import row_groups
+from builder.shards import open_shard, read_row_group
+from builder.storage import Storage
+from retriever.evaluate import EvalError, check_model, plan_chunks, score_windows
+from retriever.router import Retriever, serving
 
 
 def read_rows(storage, m: Manifest, ids: np.ndarray, columns: tuple[str, ...] = ("doc", "pos", "value")) -> dict:
     """Columns of the rows with these global ids (any order): {column: (n,) array}, reading only the row
     groups that hold them (ranged reads on S3)."""
-    from builder.sample import row_groups
-    from builder.shards import open_shard, read_row_group
     rg = row_groups(m)
     ids = np.asarray(ids, np.int64)
     g = np.searchsorted(rg.first_id, ids, side="right") - 1
@@ -62,11 +66,6 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
     token of `text` after the first."""
     from transformers import AutoTokenizer
 
-    from builder.keys import load_encoder
-    from builder.manifest import load_manifest
-    from cluster.storage import Storage
-    from retriever.evaluate import EvalError, check_model, plan_chunks, score_windows
-    from retriever.router import Retriever, serving
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     if not m.index_shards:

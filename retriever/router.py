@@ -20,8 +20,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from builder.errors import KnnlmError
+from builder.index import faiss_gpus, fastscan_factory
+from builder.manifest import load_manifest
+from builder.runtime import cluster_resources, connect_ray, max_node_cpus, ray_session
+from builder.storage import Storage
 from retriever.merge import merge_topk
-from retriever.server import IndexServerImpl, RequestError, ServerError, check_request, datastore_key
+from retriever.server import (
+    IndexServerImpl,
+    RequestError,
+    ServerError,
+    check_request,
+    datastore_key,
+)
 
 log = logging.getLogger(__name__)
 NAMESPACE = "knnlm"
@@ -31,7 +42,7 @@ INLINE_BYTES = 64 << 10   # query batches up to this size travel inline with the
 _KEEP: dict[str, dict[tuple[int, int], object]] = {}
 
 
-class RetrieverError(RuntimeError):
+class RetrieverError(KnnlmError, RuntimeError):
     """The servers of a datastore cannot answer (none running, a shard without live replica, versions)."""
 
 
@@ -74,10 +85,6 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
     fails the call with its reason, and the servers this call started are removed."""
     import ray
 
-    from builder.index import faiss_gpus, fastscan_factory
-    from builder.manifest import load_manifest
-    from cluster.runtime import cluster_resources
-    from cluster.storage import Storage
     if replicas < 1:
         raise ValueError(f"--replicas must be a positive integer (got {replicas})")
     st = Storage.from_uri(uri)
@@ -90,7 +97,6 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
     if threads is None:
         # a node's cores shared by the shards placed on it (one replica of each shard serves a call):
         # OpenMP teams larger than their share spin against each other
-        from cluster.runtime import max_node_cpus
         nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
         threads = max(1, max_node_cpus() // -(-len(m.index_shards) // nodes))
     key = datastore_key(st.uri)
@@ -146,8 +152,6 @@ def server_status(uri: str, timeout: float = 10.0) -> list[dict]:
     """One row per shard × replica found (and per shard with none): health, device, load time."""
     import ray
 
-    from builder.manifest import load_manifest
-    from cluster.storage import Storage
     n = len(load_manifest(Storage.from_uri(uri)).index_shards or [])
     found = find_servers(uri)
     refs = {h.info.remote(): (s, r) for s, reps in found.items() for r, h in reps.items()}
@@ -173,7 +177,6 @@ def server_status(uri: str, timeout: float = 10.0) -> list[dict]:
 def serving(uri: str, address: str | None = None, rerank: bool = False, cache_dir: str | None = None):
     """Ray connected (an embedded one unless `address`) and the datastore's servers running for the
     block: the cluster's own, or, where none run, embedded ones started here and stopped after."""
-    from cluster.runtime import ray_session
     with ray_session(address):
         embedded = not find_servers(uri)
         if embedded:
@@ -228,9 +231,6 @@ class Retriever:
         connect to `address`, as ray.init takes it; "auto" when neither) and check them."""
         import ray
 
-        from builder.manifest import load_manifest
-        from cluster.runtime import connect_ray
-        from cluster.storage import Storage
         if not ray.is_initialized():
             connect_ray(address or "auto")
         st = Storage.from_uri(datastore_uri)

@@ -23,6 +23,11 @@ import time
 
 import numpy as np
 
+from builder.add import iter_range
+from builder.errors import KnnlmError
+from builder.index import faiss_gpus, file_sha256, is_fastscan
+from builder.manifest import load_manifest
+from builder.storage import Storage, normalize_uri
 from retriever.merge import normalize_missing, worst
 
 log = logging.getLogger(__name__)
@@ -32,17 +37,16 @@ MAX_RESULT_BYTES = 1 << 30  # one request's result per shard: a larger batch mus
 RERANK_CHUNK_BYTES = 256 << 20
 
 
-class RequestError(ValueError):
+class RequestError(KnnlmError, ValueError):
     """A bad search request (shape, dtype, NaN/inf, k, nprobe): nothing was searched."""
 
 
-class ServerError(RuntimeError):
+class ServerError(KnnlmError, RuntimeError):
     """A server cannot serve its shard (missing or corrupted files, a datastore without index)."""
 
 
 def datastore_key(uri: str) -> str:
     """A short stable name for a datastore: its servers' names and its local cache folder."""
-    from cluster.storage import normalize_uri
     return hashlib.sha1(normalize_uri(uri).encode()).hexdigest()[:16]
 
 
@@ -78,7 +82,6 @@ def check_request(q, dim: int, k: int, nprobe: int, max_k: int | None = None) ->
 
 def fetch_cached(storage, rel: str, checksum: str, cache_dir: str) -> str:
     """A stored file in the local cache, named by its checksum; downloaded and verified if absent."""
-    from builder.index import file_sha256
     os.makedirs(cache_dir, exist_ok=True)
     digest = checksum.split(":", 1)[1]
     path = os.path.join(cache_dir, f"{digest[:32]}-{os.path.basename(rel)}")
@@ -104,9 +107,6 @@ class ShardServer:
                  device: str = "auto", threads: int | None = None):
         import faiss
 
-        from builder.index import faiss_gpus, is_fastscan
-        from builder.manifest import load_manifest
-        from cluster.storage import Storage
 
         self.storage = Storage.from_uri(root_uri)
         m = load_manifest(self.storage)
@@ -152,7 +152,6 @@ class ShardServer:
     def _column_caches(self, m, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
         """The shard range's values (and keys) as memory-mapped .npy files, the missing ones built in one
         pass over the key shards."""
-        from builder.add import iter_range
         paths = {c: os.path.join(self.cache_dir, f"{self.checksum.split(':')[1][:32]}-{c}.npy") for c in columns}
         todo = tuple(c for c in columns if not os.path.exists(paths[c] + ".ok"))
         if todo:

@@ -24,8 +24,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retriever.evaluate import PAPER_LAMBDA, PAPER_TEMPERATURE
-from retriever.knnlm import interpolate, knn_log_probs, perplexity
+from builder.manifest import load_manifest, write_manifest
+from builder.storage import NotFound, Storage
+from retriever.knnlm import (
+    PAPER_LAMBDA,
+    PAPER_TEMPERATURE,
+    interpolate,
+    knn_log_probs,
+    perplexity,
+)
 
 log = logging.getLogger(__name__)
 META = "cache.json"
@@ -55,7 +62,6 @@ class Cache:
 
 
 def read_cache(uri: str) -> Cache:
-    from cluster.storage import NotFound, Storage
     st = Storage.from_uri(uri)
     try:
         meta = json.loads(st.read_text(META))
@@ -157,8 +163,6 @@ def plot(result: dict, out_dir: str) -> list[str]:
 
 def record(datastore: str, result: dict) -> None:
     """Store the chosen λ, T, k in the manifest (`knnlm.tuned`): `knnlm eval`'s defaults from then on."""
-    from builder.manifest import load_manifest, write_manifest
-    from cluster.storage import Storage
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     keep = {k: result[k] for k in ("lambda", "temperature", "k", "valid_ppl", "valid_base_ppl", "valid_tokens",

@@ -16,7 +16,7 @@ from builder.config import BuildConfig
 from builder.lease import LEASE, Lease
 from builder.manifest import load_manifest
 from builder.shards import checksum, read_shard
-from cluster.storage import Storage
+from builder.storage import Storage
 from conftest import write_text
 from test_keys import reference_keys
 

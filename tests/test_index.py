@@ -19,7 +19,7 @@ from builder.sample import RowGroups, plan_sample, row_groups, sample_keys
 from builder.shards import ShardError, checksum, read_shard
 from builder.synthetic import write_synthetic_datastore
 from builder.train import IndexBuildError, load_trained_index, train_stage
-from cluster.storage import Storage
+from builder.storage import Storage
 
 DIM = 32
 FACTORY_PQ = "IVF16,PQ4"     # dsub 8: faiss's PQ training is slow on tiny sub-vectors

@@ -12,7 +12,7 @@ from builder.config import AddConfig, BuildConfig, TrainConfig
 from builder.manifest import load_manifest
 from builder.shards import read_shard
 from builder.train import train_stage
-from cluster.storage import Storage
+from builder.storage import Storage
 
 REPORT = os.path.join(os.environ.get("TMPDIR", "/tmp"), "knnlm-index-real-text.json")
 

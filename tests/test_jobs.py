@@ -39,7 +39,7 @@ from cluster.jobs import (
     load_for_submit,
     pipeline_key,
 )
-from cluster.runtime import ClusterError
+from builder.runtime import ClusterError
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's job SDK
 
@@ -263,7 +263,7 @@ def test_submit_follows_and_builds_the_datastore(done_job, ray_head):
     assert "[1/3] build" in out and "[3/3] add" in out and "pipeline done" in out     # the followed log
     from builder.manifest import load_manifest
     from builder.shards import verify_shards
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(os.path.join(os.path.dirname(path), "ds"))
     m = load_manifest(st)
     assert m.num_keys > 100 and len(m.index_shards) == 2 and m.index["factory"] == "IVF4,Flat"
@@ -434,7 +434,7 @@ def test_a_second_run_on_the_same_datastore_is_refused_by_the_lease(ray_head, gp
     """Another pipeline (another job id) for a datastore whose build is running fails inside the
     cluster on the build's lease, and says so on the submitting terminal."""
     from builder.lease import Lease
-    from cluster.storage import Storage
+    from builder.storage import Storage
     path = write_pipeline(tmp_path, gpt2_model)
     holder = Lease(Storage.from_uri(str(tmp_path / "ds")), ttl=2.0)    # a live build of that datastore
     holder.acquire()

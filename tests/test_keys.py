@@ -127,7 +127,7 @@ def test_run_unit_writes_shards_and_reports_progress(gpt2_model, tmp_path):
     from builder.layout import tokens_path, unit_record_path
     from builder.shards import checksum, read_shard
     from builder.unit import run_unit
-    from cluster.storage import Storage
+    from builder.storage import Storage
     st = Storage.from_uri(str(tmp_path))
     tokens = np.random.default_rng(3).integers(2, 300, 100).astype(np.int32)
     st.write_bytes(tokens_path(0), tokens.astype("<i4").tobytes())

@@ -12,7 +12,7 @@ from builder.build import build
 from builder.config import AddConfig, BuildConfig, TrainConfig
 from builder.manifest import load_manifest
 from builder.train import train_stage
-from cluster.storage import Storage
+from builder.storage import Storage
 from conftest import write_text
 from retriever.evaluate import EvalConfig, EvalError, evaluate, plan_chunks
 from retriever.knnlm import interpolate, knn_log_probs, perplexity

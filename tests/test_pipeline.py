@@ -12,7 +12,7 @@ from builder.manifest import load_manifest
 from builder.train import train_stage
 from cluster.cli import main
 from cluster.pipeline import load_pipeline, parse_pipeline, run_pipeline
-from cluster.storage import Storage
+from builder.storage import Storage
 from conftest import write_text
 from retriever.evaluate import EvalConfig, evaluate
 
@@ -75,11 +75,11 @@ def test_inputs_are_checked_when_the_file_is_loaded(tmp_path, gpt2_model, monkey
     """Every input the file names is resolved against its folder and checked by load_pipeline, before
     any Ray or model work; the error names the key and the resolved path. Outputs are not inputs."""
     import builder.modelinfo
-    import cluster.runtime
+    import builder.runtime
 
     def no_work(*a, **kw):
         raise AssertionError("Ray or model work before the file's inputs were checked")
-    monkeypatch.setattr(cluster.runtime, "ray_session", no_work)
+    monkeypatch.setattr(builder.runtime, "ray_session", no_work)
     monkeypatch.setattr(builder.modelinfo, "inspect_model", no_work)
     sub = tmp_path / "sub"
     for name in ("train.txt", "valid.txt", "texts/a.txt"):

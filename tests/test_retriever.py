@@ -12,7 +12,7 @@ from builder.index import add_batches
 from builder.manifest import load_manifest
 from builder.synthetic import write_synthetic_datastore
 from builder.train import load_trained_index, train_stage
-from cluster.storage import Storage
+from builder.storage import Storage
 from retriever import (RequestError, Retriever, RetrieverError, find_servers, merge_topk, server_status,
                        start_servers, stop_servers)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from builder.build import BuildError, build
-from cluster.storage import Storage, expand_inputs
+from builder.storage import Storage, expand_inputs
 from test_build import document_corpus, read_datastore, small_cfg
 
 pytestmark = pytest.mark.s3

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from builder.lease import LEASE, Lease, LeaseError
-from cluster.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
+from builder.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
 from conftest import write_text
 
 
@@ -120,7 +120,7 @@ def test_s3_multipart_write(s3_bucket, monkeypatch):
     """Large shards go up as multipart uploads: complete objects, nothing left pending."""
     import boto3
 
-    from cluster.storage import S3Storage
+    from builder.storage import S3Storage
     monkeypatch.setattr(S3Storage, "MULTIPART_THRESHOLD", 5 << 20)
     st = Storage.from_uri(f"s3://{s3_bucket}/ds")
     data = bytes(range(256)) * (24 << 12)  # 24 MiB: several 5+ MiB parts
@@ -139,7 +139,7 @@ def test_transient_errors_are_retried_with_backoff(monkeypatch, caplog):
     """with_retries: connection drops and 5xx/throttling are retried; other errors are not."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from cluster import storage as storage_mod
+    from builder import storage as storage_mod
     monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)
     calls = []
 

@@ -5,10 +5,13 @@ import logging
 import os
 from contextlib import contextmanager
 
+from builder.errors import KnnlmError
+
 log = logging.getLogger(__name__)
+PACKAGES = ("builder", "retriever", "cluster")      # shipped to the cluster's workers, in layer order
 
 
-class ClusterError(RuntimeError):
+class ClusterError(KnnlmError, RuntimeError):
     pass
 
 
@@ -39,20 +42,25 @@ def connect_ray(address: str) -> None:
     to its workers (they need torch, faiss etc. installed). Errors say what to fix."""
     import ray
 
-    import builder
-    import cluster
-    import retriever
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  # folders, not module objects: a job's runtime env is deep-copied to merge it, and modules
                  # do not pickle
-                 runtime_env={"py_modules": [os.path.dirname(m.__file__) for m in (builder, cluster, retriever)]})
+                 runtime_env={"py_modules": package_dirs()})
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "version" in str(e).lower() and ("mismatch" in str(e).lower() or "differ" in str(e).lower()):
             raise ClusterError(f"--address {address}: the cluster runs another Ray version than this client "
                                f"(ray {ray.__version__}); install the cluster's version here: {msg}") from None
         raise ClusterError(f"--address {address}: cannot connect to the Ray cluster: {msg}") from None
+
+
+def package_dirs() -> list[str]:
+    """The folders of this project's packages (builder, retriever, cluster) that exist beside this one:
+    what a Ray job or a connected driver ships to the cluster's workers. Found by path, not by import,
+    so the bottom layer does not import the layers above it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [os.path.join(root, name) for name in PACKAGES if os.path.isfile(os.path.join(root, name, "__init__.py"))]
 
 
 def cluster_resources() -> tuple[int, int]:

@@ -25,11 +25,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+from builder.errors import KnnlmError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class StorageError(RuntimeError):
+class StorageError(KnnlmError, RuntimeError):
     """A storage operation failed for a reason the user must fix (permissions, missing bucket...)."""
 
 
@@ -99,8 +101,12 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
 
     botocore already retries inside one call; this covers errors that escape it (e.g. a
     connection reset while streaming a body)."""
-    from botocore.exceptions import (ClientError, ConnectionError as BotoConnError,
-                                     ReadTimeoutError, ResponseStreamingError)
+    from botocore.exceptions import (
+        ClientError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnError
 
     transient_codes = {"SlowDown", "Throttling", "RequestTimeout", "InternalError",
                        "ServiceUnavailable", "503", "500"}

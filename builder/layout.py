@@ -18,11 +18,15 @@ def unit_record_path(unit_id: int) -> str:
 
 
 # ---- the index (builder/train.py, builder/add.py) ----
-TRAINED_INDEX = "index/trained.faiss"        # the trained, empty index
 MERGED_INDEX = "index/merged.faiss"          # --merge: one index over on-disk inverted lists ...
 MERGED_IVFDATA = "index/merged.ivfdata"      # ... stored beside it (faiss IO_FLAG_ONDISK_SAME_DIR)
 INDEX_LEASE = "_index/lease.json"
 ADD_REQUEST = "_index/add.json"              # the ranges of an unfinished add
+
+
+def trained_index_path(checksum: str) -> str:
+    """The trained, empty index, named by its content ("sha256:<hex>") so a retrain never overwrites it."""
+    return f"index/trained-{checksum.split(':')[1][:12]}.faiss"
 
 
 def index_shard_path(i: int, n: int) -> str:

@@ -35,6 +35,13 @@ IDENTITY_FLAGS = {
 }
 
 
+def require_index_shards(m: "Manifest", uri: str, error: type[Exception]) -> list[dict]:
+    """The manifest's index shards, or `error` saying which commands make them."""
+    if not m.index or not m.index_shards:
+        raise error(f"{uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+    return m.index_shards
+
+
 class ManifestError(KnnlmError, ValueError):
     pass
 

@@ -12,7 +12,6 @@ Rerunning with the same parameters does nothing; different parameters are refuse
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from builder.index import (
     resolve_backend,
     train_index,
 )
-from builder.layout import INDEX_LEASE
+from builder.layout import INDEX_LEASE, trained_index_path
 from builder.lease import Lease
 from builder.manifest import (
     Manifest,
@@ -136,7 +135,7 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
         qerr = quantization_error(index, x[:: max(1, len(x) // QERR_KEYS)][:QERR_KEYS])
         data = index_to_bytes(index)
         index_checksum = checksum(data)
-        path = f"index/trained-{index_checksum.split(':')[1][:12]}.faiss"
+        path = trained_index_path(index_checksum)
         storage.write_bytes(path, data)
         retrained = m.index is not None
         m.index = want | {
@@ -204,7 +203,3 @@ def load_trained_index(storage: Storage, m: Manifest):
 def _versions() -> dict:
     return package_versions(("knnlm-datastore", "faiss-cpu", "faiss-gpu-cu12", "torch", "numpy"))
 
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-FAISS_EMPTY = np.float32(3.4028235e38)   # faiss pads missing results with ±FLT_MAX and id -1
-
 
 def worst(metric: str) -> float:
     """The distance of a missing result: +inf for l2, -inf for ip."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from builder.keys import load_encoder
 from builder.layout import tokens_meta_path, tokens_path
-from builder.manifest import Manifest, load_manifest
+from builder.manifest import Manifest, load_manifest, require_index_shards
 from builder.sample import row_groups
 from builder.shards import open_shard, read_row_group
 from builder.storage import Storage
@@ -68,8 +68,7 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
 
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
-    if not m.index_shards:
-        raise EvalError(f"{st.uri} has no index: run `knnlm train-index` and `knnlm add` first")
+    require_index_shards(m, st.uri, EvalError)
     info = check_model(model, m)
     tok = AutoTokenizer.from_pretrained(info.path)
     ids = np.array(tok(text)["input_ids"], dtype=np.int32)

@@ -22,7 +22,7 @@ import numpy as np
 
 from builder.errors import KnnlmError
 from builder.index import faiss_gpus, fastscan_factory
-from builder.manifest import load_manifest
+from builder.manifest import load_manifest, require_index_shards
 from builder.runtime import cluster_resources, connect_ray, max_node_cpus, ray_session
 from builder.storage import Storage
 from retriever.merge import merge_topk
@@ -89,8 +89,7 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
         raise ValueError(f"--replicas must be a positive integer (got {replicas})")
     st = Storage.from_uri(uri)
     m = load_manifest(st)
-    if not m.index_shards:
-        raise ServerError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+    require_index_shards(m, st.uri, ServerError)
     _, gpus = cluster_resources()
     use_gpu = (device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
                and not fastscan_factory(m.index["factory"]))            # fast-scan is searched on the CPU
@@ -235,8 +234,7 @@ class Retriever:
             connect_ray(address or "auto")
         st = Storage.from_uri(datastore_uri)
         m = load_manifest(st)
-        if not m.index_shards:
-            raise RetrieverError(f"{st.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+        require_index_shards(m, st.uri, RetrieverError)
         servers = find_servers(st.uri)
         missing = [s for s in range(len(m.index_shards)) if not servers.get(s)]
         if len(missing) == len(m.index_shards):

@@ -26,7 +26,7 @@ import numpy as np
 from builder.add import iter_range
 from builder.errors import KnnlmError
 from builder.index import faiss_gpus, file_sha256, is_fastscan
-from builder.manifest import load_manifest
+from builder.manifest import load_manifest, require_index_shards
 from builder.storage import Storage, normalize_uri
 from retriever.merge import normalize_missing, worst
 
@@ -110,8 +110,7 @@ class ShardServer:
 
         self.storage = Storage.from_uri(root_uri)
         m = load_manifest(self.storage)
-        if not m.index or not m.index_shards:
-            raise ServerError(f"{self.storage.uri} has no index shards: run `knnlm train-index` and `knnlm add` first")
+        require_index_shards(m, self.storage.uri, ServerError)
         if not 0 <= shard < len(m.index_shards):
             raise ServerError(f"{self.storage.uri} has {len(m.index_shards)} index shards, not {shard + 1}")
         s = m.index_shards[shard]

@@ -166,7 +166,7 @@ def test_eval_errors(ds, tiny_models, tmp_path, capsys):
     m.index = m.index_shards = None
     from builder.manifest import write_manifest
     write_manifest(st, m)
-    with pytest.raises(EvalError, match="has no index: run `knnlm train-index"):
+    with pytest.raises(EvalError, match="has no index shards: run `knnlm train-index"):
         evaluate(EvalConfig(datastore=str(bare), corpus=[evalf]))
     # the CLI: a table, the JSON, and clear errors
     assert main(["eval", out, "--corpus", evalf, "--k", "8", "--nprobe", "4", "--lambda", "0.3",

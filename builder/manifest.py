@@ -74,11 +74,19 @@ class Manifest:
     index: dict | None = None           # {path, factory, metric, train_size, seed, sample_checksum, checksum, ...}
     index_shards: list | None = None    # [{path, first_id, num_ids, bytes, checksum}] in id order
     index_merged: dict | None = None    # --merge: {path, ivfdata, num_ids, bytes, checksum, ...}
-    extra: dict = field(default_factory=dict)  # fields written by a newer knnlm, kept on rewrite
+    # written by the kNN-LM stages; absent from the file until then
+    tuned: dict | None = None           # knnlm tune --record: {lambda, temperature, k, ...}, eval's defaults;
+    #                                     stored as "knnlm": {"tuned": ...}
+    pipeline: dict | None = None        # knnlm run: the resolved pipeline file that made this datastore
+    extra: dict = field(default_factory=dict)  # fields this knnlm does not know (a newer one wrote them), kept
 
     def to_json(self) -> str:
         d = asdict(self)
-        extra = d.pop("extra")
+        extra, tuned, pipeline = d.pop("extra"), d.pop("tuned"), d.pop("pipeline")
+        if tuned is not None:
+            extra = extra | {"knnlm": {**extra.get("knnlm", {}), "tuned": tuned}}
+        if pipeline is not None:
+            extra = extra | {"pipeline": pipeline}
         return json.dumps(d | extra, indent=1, sort_keys=False)
 
     @staticmethod
@@ -86,9 +94,13 @@ class Manifest:
         if d.get("format_version") != FORMAT_VERSION:
             raise ManifestError(f"unsupported manifest format_version {d.get('format_version')!r} "
                                 f"(this knnlm reads {FORMAT_VERSION})")
-        known = set(Manifest.__dataclass_fields__) - {"extra"}
-        return Manifest(**{k: v for k, v in d.items() if k in known},
-                        extra={k: v for k, v in d.items() if k not in known})
+        known = set(Manifest.__dataclass_fields__) - {"extra", "tuned", "pipeline"}
+        extra = {k: v for k, v in d.items() if k not in known}
+        knnlm = dict(extra.pop("knnlm", None) or {})
+        tuned, pipeline = knnlm.pop("tuned", None), extra.pop("pipeline", None)
+        if knnlm:
+            extra["knnlm"] = knnlm
+        return Manifest(**{k: v for k, v in d.items() if k in known}, tuned=tuned, pipeline=pipeline, extra=extra)
 
     def validate(self) -> None:
         """Ids contiguous from 0 to num_keys-1 in shard order."""

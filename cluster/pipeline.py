@@ -400,8 +400,8 @@ def record_pipeline(p: Pipeline) -> None:
     with Lease(st, 60.0, INDEX_LEASE, "pipeline record") as lease:
         m = load_manifest(st)
         want = p.resolved()
-        if m.extra.get("pipeline") != want:
-            m.extra["pipeline"] = want
+        if m.pipeline != want:
+            m.pipeline = want
             lease.check()
             write_manifest(st, m)
 

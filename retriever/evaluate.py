@@ -109,7 +109,7 @@ def score_windows(windows: list[tuple[np.ndarray, int, int]], encoder, batch_siz
 
 def knnlm_settings(m, lam: float | None, temperature: float | None, k: int | None) -> tuple[float, float, int]:
     """(λ, T, k): each as given, else what `knnlm tune --record` stored in the manifest, else the paper's."""
-    tuned = (m.extra.get("knnlm") or {}).get("tuned") or {}
+    tuned = m.tuned or {}
     return (lam if lam is not None else tuned.get("lambda", PAPER_LAMBDA),
             temperature if temperature is not None else tuned.get("temperature", PAPER_TEMPERATURE),
             k or tuned.get("k", PAPER_K))

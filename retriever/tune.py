@@ -167,5 +167,5 @@ def record(datastore: str, result: dict) -> None:
     m = load_manifest(st)
     keep = {k: result[k] for k in ("lambda", "temperature", "k", "valid_ppl", "valid_base_ppl", "valid_tokens",
                                    "test_ppl", "test_base_ppl", "test_tokens") if k in result}
-    m.extra.setdefault("knnlm", {})["tuned"] = keep
+    m.tuned = keep
     write_manifest(st, m)

@@ -273,3 +273,22 @@ def test_verify_finds_corrupted_and_missing_shards(tmp_path, doc_build, capsys):
     assert f"{bad}: checksum mismatch" in err and f"{gone}: missing" in err and "2 of" in err
     assert main(["verify", str(tmp_path / "nothing")]) == 2
     assert "not a finished datastore" in capsys.readouterr().err
+
+
+def test_manifest_typed_fields_round_trip():
+    """`tuned` and `pipeline` are typed fields stored as before ("knnlm": {"tuned": ...}, "pipeline");
+    keys this knnlm does not know stay in `extra` and are written back unchanged."""
+    import json
+
+    from builder.manifest import Manifest
+
+    base = dict(num_keys=0, dim=4, model={}, tokenizer={}, key_layer="ffn_input", window=8, min_context=4,
+                mode="stream", compute_dtype="float32", corpus={}, shards=[])
+    m = Manifest(**base)
+    assert "knnlm" not in json.loads(m.to_json()) and "pipeline" not in json.loads(m.to_json())
+    d = json.loads(m.to_json()) | {"knnlm": {"tuned": {"lambda": 0.3}, "future": 1}, "pipeline": {"datastore": "x"},
+                                   "from_a_newer_knnlm": [1]}
+    m = Manifest.from_dict(d)
+    assert m.tuned == {"lambda": 0.3} and m.pipeline == {"datastore": "x"}
+    assert m.extra == {"knnlm": {"future": 1}, "from_a_newer_knnlm": [1]}
+    assert json.loads(m.to_json()) == d

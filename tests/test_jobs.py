@@ -268,7 +268,7 @@ def test_submit_follows_and_builds_the_datastore(done_job, ray_head):
     m = load_manifest(st)
     assert m.num_keys > 100 and len(m.index_shards) == 2 and m.index["factory"] == "IVF4,Flat"
     assert not verify_shards(st, m)
-    assert m.extra["pipeline"]["datastore"] == os.path.join(os.path.dirname(path), "ds")
+    assert m.pipeline["datastore"] == os.path.join(os.path.dirname(path), "ds")
 
 
 def test_status_and_logs_of_the_job(done_job, ray_head):

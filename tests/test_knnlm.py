@@ -205,7 +205,7 @@ def test_tune_from_cache_equals_eval_with_the_choice(ds, tmp_path, capsys):
     assert "chosen on" in printed and "recorded in" in printed
     assert sorted(os.listdir(plots)) == ["ppl_vs_k.png", "ppl_vs_lambda.png"]
     assert (plots / "ppl_vs_lambda.png").stat().st_size > 10000
-    tuned = load_manifest(Storage.from_uri(copy)).extra["knnlm"]["tuned"]
+    tuned = load_manifest(Storage.from_uri(copy)).tuned
     assert (tuned["lambda"], tuned["temperature"], tuned["k"]) == (res["lambda"], res["temperature"], res["k"])
     rec = evaluate(EvalConfig(datastore=copy, corpus=[evalf], nprobe=4, chunk_targets=10, cache_dir=str(tmp_path / "srv")))
     assert (rec.lam, rec.temperature, rec.k) == (res["lambda"], res["temperature"], res["k"])

@@ -151,8 +151,8 @@ def test_pipeline_equals_its_stages_and_reruns_as_a_no_op(texts, gpt2_model, tmp
     assert list(out) == ["build", "train-index", "add", "tune", "eval"]
     st = Storage.from_uri(spec["datastore"])
     m = load_manifest(st)
-    assert m.extra["pipeline"] == load_pipeline(path).resolved()
-    tuned = m.extra["knnlm"]["tuned"]                          # tune recorded: eval used it by default
+    assert m.pipeline == load_pipeline(path).resolved()
+    tuned = m.tuned                          # tune recorded: eval used it by default
     ev = json.load(open(tmp_path / "eval.json"))
     assert (ev["lambda"], ev["temperature"], ev["k"]) == (tuned["lambda"], tuned["temperature"], tuned["k"])
     assert sorted(os.listdir(tmp_path / "plots")) == ["ppl_vs_k.png", "ppl_vs_lambda.png"]
@@ -180,7 +180,7 @@ def test_pipeline_equals_its_stages_and_reruns_as_a_no_op(texts, gpt2_model, tmp
     with pytest.raises(ConfigError, match=r"(?s)changed.yaml: train-index: .*factory \(index.factory\): the index has 'IVF4,Flat', this run asks "
                                           r"for 'IVF2,Flat'.*knnlm train-index .* --force"):
         run_pipeline(load_pipeline(write_text(tmp_path / "changed.yaml", yaml.safe_dump(spec))))
-    assert load_manifest(st).extra["pipeline"]["index"]["factory"] == "IVF4,Flat"
+    assert load_manifest(st).pipeline["index"]["factory"] == "IVF4,Flat"
 
 
 @pytest.mark.s3
@@ -204,5 +204,5 @@ def test_the_same_pipeline_file_writes_to_s3(texts, gpt2_model, tmp_path, s3_buc
     a, b = load_manifest(Storage.from_uri(f"s3://{s3_bucket}/ds")), load_manifest(Storage.from_uri(spec["datastore"]))
     assert [s["checksum"] for s in a.shards] == [s["checksum"] for s in b.shards]
     assert [s["checksum"] for s in a.index_shards] == [s["checksum"] for s in b.index_shards]
-    assert a.extra["pipeline"]["datastore"] == f"s3://{s3_bucket}/ds"
+    assert a.pipeline["datastore"] == f"s3://{s3_bucket}/ds"
     assert s3["eval"]["knnlm_ppl"] == pytest.approx(local["eval"]["knnlm_ppl"], rel=1e-9)

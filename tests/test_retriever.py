@@ -220,7 +220,9 @@ def test_killed_replicas_failover_then_clear_error_or_partial(synth, tmp_path, r
         # `knnlm serve` restarts the missing servers: the same client finds them by name again
         start_servers(uri, replicas=2, cache_dir=str(tmp_path / "cache"), detached=False)
         again = r.search(q, k=20, nprobe=4)
-        np.testing.assert_array_equal(again.dist, want.dist) and not again.partial
+        np.testing.assert_array_equal(again.dist, want.dist)
+        np.testing.assert_array_equal(again.ids, want.ids)
+        assert not again.partial and again.missing_shards == []
     finally:
         stop_servers(uri)
 

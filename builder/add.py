@@ -8,7 +8,7 @@
                                     shards are committed
 
 Each shard is one Ray task (`add_shard`, a thin wrapper over `encode_range`): it streams its
-range's key shards one at a time (`builder.rows.iter_key_range`: each checked against its manifest checksum; the next one is
+range's key shards one at a time (each checked against its manifest checksum; the next one is
 prefetched while the current one is encoded), so its memory is one or two key shards plus the
 index shard it fills. A killed task is retried by Ray; a killed driver leaves committed records
 that a rerun skips; a retried shard overwrites its unlisted file with the same content.

@@ -6,6 +6,10 @@
 
 Everything is a logsumexp: no exp of a large distance underflows to a 0/0, and a target that no
 neighbour has gets log p_kNN = −inf, which logaddexp turns into log((1 − λ) p_LM) exactly.
+
+The one formula of the project: `knnlm eval` and `knnlm tune` score each target with
+`knn_log_probs`; generation scores the whole vocabulary with `knn_log_probs_vocab`, which is
+`knn_log_probs` of every token (the same weights and sums); both mix with `interpolate`.
 """
 from __future__ import annotations
 

@@ -294,7 +294,7 @@ def helper_add(uri: str, num: int, threads: int) -> float:
     into a copy of the trained index, `threads` OpenMP threads."""
     import faiss
 
-    from builder.add import iter_key_range
+    from builder.rows import iter_key_range
     from builder.manifest import load_manifest
     from builder.train import load_trained_index
     from builder.storage import Storage

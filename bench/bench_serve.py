@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     import ray
 
     from bench_build import machine_info
-    from builder.add import add_stage, iter_key_range
+    from builder.add import add_stage
+    from builder.rows import iter_key_range
     from builder.config import AddConfig, TrainConfig
     from builder.index import add_batches
     from builder.manifest import load_manifest

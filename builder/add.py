@@ -15,14 +15,12 @@ that a rerun skips; a retried shard overwrites its unlisted file with the same c
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -39,14 +37,14 @@ from builder.layout import (
 )
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.rows import iter_key_range
 from builder.runtime import (
     cluster_resources,
     max_node_cpus,
     ray_session,
     unwrap_task_error,
 )
-from builder.sample import row_groups
-from builder.shards import ShardError, load_shard, read_row_group
+from builder.shards import ShardError
 from builder.storage import NotFound, Storage, StorageError
 from builder.train import IndexBuildError, load_trained_index
 
@@ -68,41 +66,6 @@ def plan_ranges(num_keys: int, index_shards: int | None = None, shard_size: int 
         return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
     r = shard_size or AddConfig.DEFAULT_SHARD_SIZE
     return [(a, min(r, num_keys - a)) for a in range(0, num_keys, r)]
-
-
-def iter_key_range(storage: Storage, m: Manifest, first: int, num: int, prefetch: bool = True
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids (b,) int64, keys (b, dim) float16) batches of one row group each, covering global ids
-    [first, first+num) in order. Key shards are read whole, checked against their manifest
-    checksum, one ahead of the one being consumed."""
-    for ids, cols in iter_range(storage, m, first, num, ("key",), prefetch):
-        yield ids, cols["key"]
-
-
-def iter_range(storage: Storage, m: Manifest, first: int, num: int, columns: tuple[str, ...] = ("key",),
-               prefetch: bool = True) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Like iter_key_range, for any shard columns: (ids, {column: array}) batches."""
-    rg = row_groups(m)                                     # the layout sampling uses too
-    last = first + num
-    sel = np.flatnonzero((rg.first_id < last) & (rg.first_id + rg.num_rows > first))  # groups, id order
-    todo = list(dict.fromkeys(rg.shard[sel].tolist()))     # their shards, in order
-    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="knnlm-prefetch") if prefetch else None
-    load = (lambda i: load_shard(storage, m.shards[i], m.dim))
-    nxt = pool.submit(load, todo[0]) if pool and todo else None
-    try:
-        for k, i in enumerate(todo):
-            pf = nxt.result() if pool else load(i)
-            nxt = pool.submit(load, todo[k + 1]) if pool and k + 1 < len(todo) else None
-            for g in sel[rg.shard[sel] == i]:
-                a, rows = int(rg.first_id[g]), int(rg.num_rows[g])   # global id of its first row, its size
-                lo, hi = max(a, first), min(a + rows, last)
-                got = read_row_group(pf, storage, m.shards[i], int(rg.group[g]), rows, m.dim, columns, as_dict=True)
-                sl = slice(lo - a, hi - a)
-                yield np.arange(lo, hi, dtype=np.int64), {c: v[sl] for c, v in got.items()}
-            del pf
-    finally:
-        if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def encode_range(storage: Storage, m: Manifest, trained, first: int, num: int, backend: str = "faiss",

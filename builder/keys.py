@@ -1,11 +1,15 @@
-"""Keys: locate the key layer in any HF causal LM and compute hidden states over windows.
+"""Keys: locate the key layer in any HF causal LM, and the one forward pass over windows.
 
-`compute_keys` is the one function that both the datastore build and the evaluation
-call, so queries and keys come from exactly the same code, layer and window rules.
+`forward` is the only batched forward of the project: the datastore build takes its keys
+(`compute_keys`, via builder/unit.py), the evaluation and `knnlm neighbours` take its keys as
+queries and, in the same pass, the LM's log-probabilities of the next tokens
+(retriever/evaluate.py `score_windows`). So queries and keys come from exactly the same code,
+layer, batching and window rules. Generation (retriever/generate.py) runs `model.generate()`
+with its KV cache instead, but reads each step's query through the same `KeyEncoder` hook.
 
-The forward pass stops at the key layer: a pre-hook on the key module captures its
-input and aborts the forward, so neither the rest of the last block nor the LM head is
-computed (the LM head alone is about half of GPT-2-small's cost).
+For keys alone the forward stops at the key layer: the pre-hook on the key module captures its
+input and aborts the forward, so neither the rest of the last block nor the LM head is computed
+(the LM head alone is about half of GPT-2-small's cost).
 """
 from __future__ import annotations
 
@@ -89,50 +93,57 @@ class _Captured(Exception):
 
 
 class KeyEncoder:
-    """A causal LM cut at its key layer: input ids (B, T) → keys (B, T, d)."""
+    """A causal LM cut at its key layer: input ids (B, T) → keys (B, T, d).
 
-    def __init__(self, model: torch.nn.Module, key_layer: str, device: str = "cpu"):
+    One forward pre-hook on the key module serves every use: it keeps the module's input in
+    `last`, then stops the forward there when `stop` is set (keys only: the default), or lets it
+    run whole (`score`; generation, whose `model.generate()` steps leave each step's key in `last`)."""
+
+    def __init__(self, model: torch.nn.Module, key_layer: str, device: str = "cpu", stop: bool = True):
         self.model = model.eval()
         self.key_layer = key_layer
         self.device = torch.device(device)
         self.module_name, self.module = find_key_module(model, key_layer)
         self.dim = int(model.config.hidden_size)
         self.dtype = next(model.parameters()).dtype
-        self._out: torch.Tensor | None = None
-        self._stop = True          # False while `score` runs the whole model
-        self.module.register_forward_pre_hook(self._hook)
+        self.last: torch.Tensor | None = None     # (B, T, d) the key module's input in the latest forward
+        self.stop = stop
+        self._handle = self.module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
-        self._out = args[0]
-        if self._stop:
+        self.last = args[0]
+        if self.stop:
             raise _Captured
+
+    def remove(self) -> None:
+        """Take the hook off the model (the model then runs as if never wrapped)."""
+        self._handle.remove()
+
+    def _key(self) -> torch.Tensor:
+        if self.last is None:
+            raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} was not "
+                                "called in the forward pass")
+        return self.last
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole forward: (keys (B, T, d) at the key layer, logits (B, T, V)), from one pass.
-        The evaluation's queries come from here: the same module, hook and dtype as the keys."""
-        self._out, self._stop = None, False
+        """The whole forward: (keys (B, T, d) at the key layer, logits (B, T, V)), from one pass."""
+        self.last, stop, self.stop = None, self.stop, False
         try:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
         finally:
-            self._stop = True
-        if self._out is None:
-            raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} was not "
-                                "called in the forward pass")
-        return self._out, logits
+            self.stop = stop
+        return self._key(), logits
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self._out = None
+        self.last = None
         try:
             # right padding needs no attention mask: causal attention never looks ahead
             self.model(input_ids=input_ids, use_cache=False)
         except _Captured:
             pass
-        if self._out is None:
-            raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} was not "
-                                "called in the forward pass")
-        return self._out
+        return self._key()
 
 
 def load_encoder(model_path: str, key_layer: str, device: str = "auto",
@@ -146,33 +157,57 @@ def load_encoder(model_path: str, key_layer: str, device: str = "auto",
 
 @dataclass
 class WindowJob:
-    """One forward window: `tokens` (L,), keep the hidden states at positions [lo, hi)."""
+    """One forward window: `tokens` (L,), keep the hidden states at positions [lo, hi); their
+    next tokens, whose log-probs `forward` gives when asked, are tokens[lo + 1 : hi + 1] (hi < L)."""
     tokens: np.ndarray
     lo: int
     hi: int
 
 
-def compute_keys(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int,
-                 pad_id: int = 0) -> list[np.ndarray]:
-    """Hidden states at the key layer for each job: list of (hi - lo, d) float16 arrays.
+def _next_logprobs(logits: torch.Tensor, job: WindowJob) -> torch.Tensor:
+    """logits (T, V) of one window → (hi - lo,) float64 log p(next token) at positions [lo, hi):
+    the log-softmax in float32 over the vocabulary, then gathered and widened."""
+    tgt = torch.from_numpy(np.asarray(job.tokens[job.lo + 1:job.hi + 1], dtype=np.int64)).to(logits.device)
+    lp = torch.log_softmax(logits[job.lo:job.hi].float(), dim=-1)                  # (m, V) fp32
+    return lp.gather(1, tgt[:, None])[:, 0].double()                                # (m,) fp64
 
-    Windows are batched longest-first to limit padding; on CUDA the copy of a batch's keys
-    to the host overlaps the next batch's forward pass."""
-    out: list[np.ndarray | None] = [None] * len(jobs)
+
+def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id: int = 0,
+            logprobs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The one batched forward: (keys, log-probs) per job, in job order.
+
+    keys: (hi - lo, d) float16, the key-layer states at positions [lo, hi); log-probs (only with
+    `logprobs`, else None): (hi - lo,) float64, the LM's log p of the next token at each of those
+    positions. Keys alone stop the forward at the key layer; log-probs run it whole (the keys
+    come from the same module and hook either way).
+
+    Windows are batched longest-first (a stable sort: ties keep job order) to limit padding and
+    right-padded with `pad_id`; on CUDA the copy of a batch's results to the host overlaps the
+    next batch's forward pass."""
+    keys: list[np.ndarray | None] = [None] * len(jobs)
+    lps: list[np.ndarray | None] | None = [None] * len(jobs) if logprobs else None
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].tokens))
     dev = encoder.device
     cuda = dev.type == "cuda"
-    pending: list[tuple[list[int], torch.Tensor, list[int], torch.cuda.Event | None]] = []
+    pending: list[tuple] = []
 
     def drain(p):
-        idx, host, sizes, ev = p
+        idx, host, host_lp, sizes, ev = p
         if ev is not None:
             ev.synchronize()
         arr = host.numpy()
+        lp = host_lp.numpy() if host_lp is not None else None
         off = 0
         for i, n in zip(idx, sizes):
-            out[i] = arr[off:off + n]
+            keys[i] = arr[off:off + n]
+            if lp is not None:
+                lps[i] = lp[off:off + n]
             off += n
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
 
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
@@ -181,20 +216,31 @@ def compute_keys(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int,
         for r, i in enumerate(idx):
             ids[r, :len(jobs[i].tokens)] = jobs[i].tokens
         ids_t = torch.from_numpy(ids).to(dev, non_blocking=cuda)
-        h = encoder(ids_t)                                                   # (B, T, d) compute dtype
+        lp = None
+        if logprobs:
+            h, logits = encoder.score(ids_t)                                 # (B, T, d), (B, T, V) compute dtype
+            lp = torch.cat([_next_logprobs(logits[r], jobs[i]) for r, i in enumerate(idx)])   # (sum keep,) fp64
+            del logits
+        else:
+            h = encoder(ids_t)                                               # (B, T, d) compute dtype
         keep = torch.cat([h[r, jobs[i].lo:jobs[i].hi] for r, i in enumerate(idx)])   # (sum keep, d)
         keep = keep.to(torch.float16)
         sizes = [jobs[i].hi - jobs[i].lo for i in idx]
         if cuda:
-            host = torch.empty(keep.shape, dtype=torch.float16, pin_memory=True)
-            host.copy_(keep, non_blocking=True)
+            host, host_lp = to_host(keep), (to_host(lp) if lp is not None else None)
             ev = torch.cuda.Event()
             ev.record()
             if pending:
                 drain(pending.pop())
-            pending.append((idx, host, sizes, ev))
+            pending.append((idx, host, host_lp, sizes, ev))
         else:
-            drain((idx, keep, sizes, None))
+            drain((idx, keep, lp, sizes, None))
     while pending:
         drain(pending.pop())
-    return out  # type: ignore[return-value]
+    return keys, lps  # type: ignore[return-value]
+
+
+def compute_keys(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int,
+                 pad_id: int = 0) -> list[np.ndarray]:
+    """The build's keys: `forward` without log-probs, a list of (hi - lo, d) float16 arrays."""
+    return forward(jobs, encoder, batch_size, pad_id)[0]

@@ -7,57 +7,22 @@ A datastore is in corpus order, so its head is not representative. A row-uniform
    its size, and rows within them so that every row of the datastore is equally likely to be
    drawn, exactly, whatever its row group's size; the read is about `read_factor` × the sample:
    a small fraction of a large datastore.
-2. `read_sample` fetches only those row groups (ranged reads on S3), in parallel.
+2. `builder.rows.read_rows` fetches only those row groups (ranged reads on S3), in parallel.
 
 The sample's ids, and a checksum over its ids and key bytes, are reproducible from the seed.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from builder.manifest import Manifest
-from builder.shards import open_shard, read_row_group
+from builder.rows import RowGroups, read_rows, row_groups
 from builder.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RowGroups:
-    """The datastore's row groups in id order; each array has one entry per row group."""
-    shard: np.ndarray      # (G,) int64 index into manifest.shards
-    group: np.ndarray      # (G,) int64 row group index within its shard
-    first_id: np.ndarray   # (G,) int64 global id of its first row
-    num_rows: np.ndarray   # (G,) int64
-
-
-def row_group_rows(m: Manifest) -> int:
-    rgr = m.build.get("row_group_rows") or m.identity.get("row_group_rows")
-    if not rgr:
-        raise ValueError("the manifest records no row_group_rows (build.row_group_rows): cannot plan row-group "
-                         "reads; was this datastore written by knnlm build?")
-    return int(rgr)
-
-
-def row_groups(m: Manifest) -> RowGroups:
-    """Row group layout from the manifest alone: every shard was written with row groups of
-    `row_group_rows` rows, its last one shorter (checked against each footer when read)."""
-    rgr = row_group_rows(m)
-    shard, group, first, rows = [], [], [], []
-    for i, s in enumerate(m.shards):
-        n = int(s["num_rows"])
-        g = -(-n // rgr)
-        shard.append(np.full(g, i, np.int64))
-        group.append(np.arange(g, dtype=np.int64))
-        first.append(s["first_id"] + rgr * np.arange(g, dtype=np.int64))
-        rows.append(np.minimum(rgr, n - rgr * np.arange(g, dtype=np.int64)))
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))
-    return RowGroups(cat(shard), cat(group), cat(first), cat(rows))
 
 
 def plan_sample(rg: RowGroups, train_size: int, seed: int, read_factor: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
@@ -97,40 +62,13 @@ def sample_checksum(ids: np.ndarray, keys: np.ndarray) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def read_sample(storage: Storage, m: Manifest, groups: np.ndarray, ids: np.ndarray, rg: RowGroups,
-                threads: int = 16) -> np.ndarray:
-    """The keys of `ids` (sorted), reading only the row groups `groups`: (n, dim) float16."""
-    out = np.empty((len(ids), m.dim), np.float16)
-    # ids are sorted and groups are in id order: each group's ids are one contiguous run
-    lo = np.searchsorted(ids, rg.first_id[groups])
-    hi = np.searchsorted(ids, rg.first_id[groups] + rg.num_rows[groups])
-    by_shard: dict[int, list[int]] = {}
-    for j, g in enumerate(groups):
-        if hi[j] > lo[j]:
-            by_shard.setdefault(int(rg.shard[g]), []).append(j)
-
-    def fetch(shard_index: int) -> int:
-        s = m.shards[shard_index]
-        pf = open_shard(storage, s, m.dim)
-        n = 0
-        for j in by_shard[shard_index]:
-            g = groups[j]
-            keys = read_row_group(pf, storage, s, int(rg.group[g]), int(rg.num_rows[g]), m.dim)
-            sel = ids[lo[j]:hi[j]] - rg.first_id[g]
-            out[lo[j]:hi[j]] = keys[sel]
-            n += len(keys)
-        return n
-
-    with cf.ThreadPoolExecutor(max(1, min(threads, len(by_shard)))) as pool:
-        read_rows = sum(pool.map(fetch, sorted(by_shard)))
-    log.info("sampled %d keys from %d row groups (%d rows read, %.2f%% of the datastore)",
-             len(ids), len(groups), read_rows, 100.0 * read_rows / max(m.num_keys, 1))
-    return out
-
-
 def sample_keys(storage: Storage, m: Manifest, train_size: int, seed: int, read_factor: float = 4.0,
                 threads: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(sorted ids (n,) int64, keys (n, dim) float16): a uniform random sample of the datastore."""
     rg = row_groups(m)
     groups, ids = plan_sample(rg, train_size, seed, read_factor)
-    return ids, read_sample(storage, m, groups, ids, rg, threads)
+    keys = read_rows(storage, m, ids, ("key",), threads)["key"]       # only the groups holding an id
+    read = int(rg.num_rows[groups].sum())
+    log.info("sampled %d keys from %d row groups (%d rows read, %.2f%% of the datastore)",
+             len(ids), len(groups), read, 100.0 * read / max(m.num_keys, 1))
+    return ids, keys

@@ -2,10 +2,10 @@
 
 The queries are made exactly as the datastore's keys were: the same tokenizer, the same
 windows (`builder.corpus.plan_windows` with the manifest's window and min_context), the same
-key module and hook (`builder.keys.KeyEncoder.score`, one full forward per window that also
-gives the LM's logits), rounded to float16 as keys are stored. Every token that would get a key
-is scored: in `document` mode every token after the first of each document; in `stream` mode
-every token after the first of each file.
+key module, hook and batched forward (`builder.keys.forward`, one full pass per window that
+also gives the LM's log-probabilities), rounded to float16 as keys are stored. Every token that
+would get a key is scored: in `document` mode every token after the first of each document; in
+`stream` mode every token after the first of each file.
 
 Work is cut into chunks of whole windows, independent of the number of workers; each worker
 (a Ray actor holding the LM and a `Retriever`) returns the per-token log-probabilities of its
@@ -26,7 +26,7 @@ from builder.config import ConfigError
 from builder.corpus import detect_format, plan_windows, tokenize_file
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
-from builder.keys import load_encoder
+from builder.keys import WindowJob, forward, load_encoder
 from builder.manifest import load_manifest
 from builder.modelinfo import ModelError, inspect_model
 from builder.runtime import cluster_resources, ray_session, unwrap_task_error
@@ -83,28 +83,13 @@ def plan_chunks(sequences: list[np.ndarray], window: int, min_context: int, chun
 def score_windows(windows: list[tuple[np.ndarray, int, int]], encoder, batch_size: int = 8,
                   pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(queries (m, d) float16, LM log p(target) (m,) float64, targets (m,) int64) for the windows'
-    targets in order: one full forward per window; the query of target t is the key-layer state at
-    t−1 (as the datastore's key of that target would be)."""
-    import torch
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))   # longest first: little padding
-    outs: list = [None] * len(windows)
-    dev = encoder.device
-    for b0 in range(0, len(order), batch_size):
-        idx = order[b0:b0 + batch_size]
-        T = len(windows[idx[0]][0])
-        ids = np.full((len(idx), T), pad_id, dtype=np.int64)        # right padding: causal attention ignores it
-        for r, i in enumerate(idx):
-            ids[r, :len(windows[i][0])] = windows[i][0]
-        h, logits = encoder.score(torch.from_numpy(ids).to(dev))              # (B, T, d), (B, T, V)
-        for r, i in enumerate(idx):
-            toks, a, b = windows[i]
-            pos = slice(a - 1, b - 1)                                          # query positions t-1
-            tgt = torch.from_numpy(np.asarray(toks[a:b], dtype=np.int64)).to(dev)
-            lp = torch.log_softmax(logits[r, pos].float(), dim=-1)             # (m, V) fp32
-            lm = lp.gather(1, tgt[:, None])[:, 0].double()
-            outs[i] = (h[r, pos].to(torch.float16).cpu().numpy(), lm.cpu().numpy(), toks[a:b].astype(np.int64))
-    q = np.concatenate([o[0] for o in outs])
-    return q, np.concatenate([o[1] for o in outs]), np.concatenate([o[2] for o in outs])
+    targets in order, from the build's forward (`builder.keys.forward`, one full pass per window):
+    the query of target t is the key-layer state at t−1 (as the datastore's key of that target
+    would be), its log-prob the LM's at t−1."""
+    jobs = [WindowJob(toks, a - 1, b - 1) for toks, a, b in windows]          # positions t−1 of targets [a, b)
+    q, lm = forward(jobs, encoder, batch_size, pad_id, logprobs=True)
+    tgt = [toks[a:b].astype(np.int64) for toks, a, b in windows]
+    return np.concatenate(q), np.concatenate(lm), np.concatenate(tgt)
 
 
 def knnlm_settings(m, lam: float | None, temperature: float | None, k: int | None) -> tuple[float, float, int]:

@@ -13,29 +13,10 @@ import numpy as np
 from builder.keys import load_encoder
 from builder.layout import tokens_meta_path, tokens_path
 from builder.manifest import Manifest, load_manifest, require_index_shards
-from builder.sample import row_groups
-from builder.shards import open_shard, read_row_group
+from builder.rows import read_rows
 from builder.storage import Storage
 from retriever.evaluate import EvalError, check_model, plan_chunks, score_windows
 from retriever.router import Retriever, serving
-
-
-def read_rows(storage, m: Manifest, ids: np.ndarray, columns: tuple[str, ...] = ("doc", "pos", "value")) -> dict:
-    """Columns of the rows with these global ids (any order): {column: (n,) array}, reading only the row
-    groups that hold them (ranged reads on S3)."""
-    rg = row_groups(m)
-    ids = np.asarray(ids, np.int64)
-    g = np.searchsorted(rg.first_id, ids, side="right") - 1
-    out = {c: np.zeros(len(ids), np.int64) for c in columns}
-    files: dict = {}
-    for grp in np.unique(g):
-        s = m.shards[int(rg.shard[grp])]
-        pf = files.setdefault(int(rg.shard[grp]), open_shard(storage, s, m.dim))
-        got = read_row_group(pf, storage, s, int(rg.group[grp]), int(rg.num_rows[grp]), m.dim, columns)
-        sel = np.flatnonzero(g == grp)
-        for c in columns:
-            out[c][sel] = got[c][ids[sel] - rg.first_id[grp]]
-    return out
 
 
 class ContextReader:
@@ -79,7 +60,7 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
     with serving(st.uri, address, cache_dir=cache_dir):
         res = Retriever.connect(st.uri).search(q.astype(np.float32), k=k, nprobe=nprobe)
     ok = res.ids >= 0
-    rows = read_rows(st, m, res.ids[ok])
+    rows = read_rows(st, m, res.ids[ok], ("doc", "pos"))
     doc = np.full(res.ids.shape, -1, np.int64)
     pos = np.full(res.ids.shape, -1, np.int64)
     doc[ok], pos[ok] = rows["doc"], rows["pos"]

@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
-from builder.add import iter_range
 from builder.errors import KnnlmError
 from builder.index import faiss_gpus, file_sha256, is_fastscan
 from builder.manifest import load_manifest, require_index_shards
+from builder.rows import iter_range
 from builder.storage import Storage, normalize_uri
 from retriever.merge import normalize_missing, worst
 

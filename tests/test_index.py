@@ -10,12 +10,13 @@ import shutil
 import numpy as np
 import pytest
 
-from builder.add import add_stage, iter_key_range, load_merged_index, plan_ranges
+from builder.add import add_stage, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
 from builder.index import (add_batches, check_factory, check_train_size, fastscan_factory, ivf_contents,
                            resolve_backend)
 from builder.manifest import ManifestError, load_manifest, write_manifest
-from builder.sample import RowGroups, plan_sample, row_groups, sample_keys
+from builder.rows import RowGroups, iter_key_range, row_groups
+from builder.sample import plan_sample, sample_keys
 from builder.shards import ShardError, checksum, read_shard
 from builder.synthetic import write_synthetic_datastore
 from builder.train import IndexBuildError, load_trained_index, train_stage

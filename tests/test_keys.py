@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from builder.corpus import Segment, Unit
-from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, load_encoder
+from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, forward, load_encoder
 from builder.unit import UnitParams, compute_unit, unit_token_range
 
 # the last block's feed-forward, written out per family (independent of find_key_module)
@@ -94,6 +94,73 @@ def test_batching_does_not_change_keys(gpt2_model):
     for x, y, j in zip(a, b, jobs):
         assert x.shape == (j.hi - j.lo, 32)
         np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
+
+
+def old_score_windows(windows, encoder, batch_size=8, pad_id=0):
+    """The evaluation's own forward batcher as it was before `builder.keys.forward` (a reference)."""
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    outs = [None] * len(windows)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0:b0 + batch_size]
+        ids = np.full((len(idx), len(windows[idx[0]][0])), pad_id, dtype=np.int64)
+        for r, i in enumerate(idx):
+            ids[r, :len(windows[i][0])] = windows[i][0]
+        h, logits = encoder.score(torch.from_numpy(ids))
+        for r, i in enumerate(idx):
+            toks, a, b = windows[i]
+            pos = slice(a - 1, b - 1)
+            tgt = torch.from_numpy(np.asarray(toks[a:b], dtype=np.int64))
+            lm = torch.log_softmax(logits[r, pos].float(), dim=-1).gather(1, tgt[:, None])[:, 0].double()
+            outs[i] = (h[r, pos].to(torch.float16).numpy(), lm.numpy(), toks[a:b].astype(np.int64))
+    return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_forward_for_keys_and_logprobs(tiny_models, family):
+    """`forward` with log-probs: bit-identical keys to the build's (`compute_keys`, stopped at the key
+    layer) and to the evaluation's former batcher, the same log-probs, which a plain forward confirms."""
+    from retriever.evaluate import score_windows
+    path = tiny_models[family]
+    enc = load_encoder(path, "ffn_input", "cpu", "float32")
+    rng = np.random.default_rng(4)
+    V = enc.model.config.vocab_size
+    windows = [(rng.integers(2, V, n), a, n) for n, a in ((20, 1), (7, 3), (33, 10), (2, 1), (20, 5), (15, 1))]
+    jobs = [WindowJob(t, a - 1, b - 1) for t, a, b in windows]
+    for bs in (1, 4):
+        keys, lps = forward(jobs, enc, bs, logprobs=True)
+        for k, ref in zip(keys, compute_keys(jobs, enc, bs)):
+            assert k.dtype == np.float16 and np.array_equal(k, ref)
+        assert forward(jobs, enc, bs)[1] is None
+        q, lm, tgt = score_windows(windows, enc, bs)
+        oq, olm, otgt = old_score_windows(windows, enc, bs)
+        assert np.array_equal(q, oq) and np.array_equal(lm, olm) and np.array_equal(tgt, otgt)
+        assert lm.dtype == np.float64 and np.array_equal(np.concatenate(lps), lm)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        for (t, a, b), lp in zip(windows, lps):
+            logits = model(torch.from_numpy(t.astype(np.int64))[None]).logits[0]
+            want = torch.log_softmax(logits.double(), -1)[torch.arange(a - 1, b - 1), torch.from_numpy(t[a:b])]
+            np.testing.assert_allclose(lp, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_reads_the_same_hook(gpt2_model):
+    """A KeyEncoder left running (`stop=False`, as generation uses it) leaves the key of every forward
+    in `last` and the logits untouched; `remove` takes its hook off."""
+    model = AutoModelForCausalLM.from_pretrained(gpt2_model).eval()
+    ids = torch.arange(2, 14)[None]
+    with torch.no_grad():
+        plain = model(ids).logits
+    enc = KeyEncoder(model, "ffn_input", stop=False)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.equal(logits, plain)
+    key = compute_keys([WindowJob(ids[0].numpy(), 0, 12)], load_encoder(gpt2_model, "ffn_input", "cpu", "float32"), 1)[0]
+    assert np.array_equal(enc.last[0].to(torch.float16).numpy(), key)
+    enc.remove()
+    enc.last = None
+    with torch.no_grad():
+        model(ids)
+    assert enc.last is None
 
 
 def test_unknown_architecture_is_named(gpt2_model):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.add import add_stage, iter_range
+from builder.add import add_stage
+from builder.rows import iter_range
 from builder.build import build
 from builder.config import AddConfig, BuildConfig, TrainConfig
 from builder.manifest import load_manifest
@@ -15,7 +16,7 @@ from builder.train import train_stage
 from builder.storage import Storage
 from conftest import write_text
 from retriever.evaluate import EvalConfig, EvalError, evaluate, plan_chunks
-from retriever.knnlm import interpolate, knn_log_probs, perplexity
+from retriever.knnlm import interpolate, knn_log_probs, knn_log_probs_vocab, perplexity
 from test_keys import reference_keys
 
 W, C = 16, 6
@@ -214,21 +215,62 @@ def test_tune_from_cache_equals_eval_with_the_choice(ds, tmp_path, capsys):
     assert "is not a neighbour cache" in capsys.readouterr().err
 
 
-def test_knnlm_scores_is_the_interpolation_over_the_vocabulary():
-    from retriever.generate import knnlm_scores
+def test_knn_log_probs_vocab_is_knn_log_probs_of_every_target():
     rng = np.random.default_rng(0)
-    scores = torch.from_numpy(rng.normal(size=(2, 50)).astype(np.float32))
+    V = 50
+    for metric, scale, temp in (("l2", 5.0, 2.0), ("ip", 3.0, 0.5), ("l2", 3000.0, 1.0)):   # the last: float64 redo
+        dist = np.sort(rng.random((3, 40)) * scale, axis=1).astype(np.float32)
+        values = rng.integers(0, 9, dist.shape)
+        values[0, 30:], dist[0, 30:] = -1, np.inf
+        values[2] = -1                                                          # a row without neighbours
+        full = knn_log_probs_vocab(dist, values, V, temp, metric)
+        assert full.shape == (3, V) and full.dtype == np.float64
+        for y in range(V):
+            assert np.array_equal(full[:, y], knn_log_probs(dist, values, np.full(3, y), temp, metric))
+        assert np.isneginf(full[2]).all() and np.isneginf(full[:, 9:]).all()
+        np.testing.assert_allclose(np.exp(full[:2]).sum(1), 1.0, rtol=1e-12)
+    # a value outside the vocabulary counts as no neighbour
+    far = knn_log_probs_vocab(np.array([[1.0, 2.0]]), np.array([[3, 60]]), V, 1.0)
+    assert far[0, 3] == 0.0 and np.isneginf(far[0, :3]).all()
+
+
+class FakeRetriever:
+    metric = "l2"
+
+    def __init__(self, dist, values):
+        self.dist, self.values, self.queries = dist, values, []
+
+    def search(self, q, k, nprobe, rerank=False):
+        self.queries.append(q)
+        return self.dist, np.zeros_like(self.values), self.values
+
+
+def test_generation_scores_are_the_evaluation_formula(gpt2_model):
+    """The logits processor's step: the key hook's query, then knn_log_probs_vocab and interpolate."""
+    from retriever.generate import KNNLMLogitsProcessor
+    model = AutoModelForCausalLM.from_pretrained(gpt2_model).eval()
+    rng = np.random.default_rng(0)
     dist = np.sort(rng.random((2, 6)) * 5, axis=1).astype(np.float32)
     values = np.array([[3, 7, 3, 9, -1, 1], [4, 4, 4, 2, 0, 49]])
     dist[0, 4] = np.inf
-    out = knnlm_scores(scores, dist, values, 0.3, 2.0)
-    assert torch.allclose(out.double().exp().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-5)
-    lm = torch.log_softmax(scores.double(), -1).numpy()
-    for y in (3, 7, 9, 4, 11):
-        t = np.array([y, y])
-        want = interpolate(lm[:, y], knn_log_probs(dist, values, t, 2.0), 0.3)
-        np.testing.assert_allclose(out[:, y].numpy(), want, rtol=1e-5)
-    assert torch.equal(knnlm_scores(scores, dist, values, 0.0, 2.0), torch.log_softmax(scores.double(), -1).float())
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    for lam in (0.3, 0.0, 1.0):
+        r = FakeRetriever(dist, values)
+        proc = KNNLMLogitsProcessor(model, r, "ffn_input", lam=lam, temperature=2.0, k=6)
+        with torch.no_grad():
+            scores = model(ids).logits[:, -1]                                    # (2, V)
+        out = proc(ids, scores)
+        proc.remove()
+        assert out.dtype == torch.float32 and out.shape == scores.shape
+        np.testing.assert_array_equal(r.queries[0], proc.encoder.last[:, -1].to(torch.float16).float().numpy())
+        lm = torch.log_softmax(scores.double(), -1).numpy()
+        for y in (3, 7, 9, 4, 11):
+            want = interpolate(lm[:, y], knn_log_probs(dist, values, np.array([y, y]), 2.0), lam)
+            np.testing.assert_array_equal(out[:, y].numpy(), want.astype(np.float32))
+        if lam == 0.0:
+            assert torch.equal(out, torch.log_softmax(scores.double(), -1).float())
+        else:
+            assert torch.allclose(out.double().exp().sum(1), torch.ones(2, dtype=torch.float64), atol=1e-5)
 
 
 def test_generation_and_provenance(ds, gpt2_model, tmp_path, capsys):

@@ -6,7 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from builder.add import add_stage, iter_range
+from builder.add import add_stage
+from builder.rows import iter_range
 from builder.config import AddConfig, TrainConfig
 from builder.index import add_batches
 from builder.manifest import load_manifest

@@ -14,7 +14,8 @@ from builder.manifest import load_manifest
 from builder.train import train_stage
 from builder.storage import Storage
 from conftest import write_text
-from retriever.evaluate import EvalConfig, EvalError, evaluate, plan_chunks
+from retriever.config import EvalConfig
+from retriever.evaluate import EvalError, evaluate, plan_chunks
 from retriever.knnlm import interpolate, knn_log_probs, perplexity
 from test_keys import reference_keys
 

@@ -14,7 +14,8 @@ from cluster.cli import main
 from cluster.pipeline import load_pipeline, parse_pipeline, run_pipeline
 from builder.storage import Storage
 from conftest import write_text
-from retriever.evaluate import EvalConfig, evaluate
+from retriever.config import EvalConfig
+from retriever.evaluate import evaluate
 
 TRAIN = ["The quick brown fox jumps over the lazy dog. " * 4,
          "A kNN-LM interpolates a language model with nearest neighbours from a datastore. " * 3,

@@ -174,7 +174,7 @@ class AddConfig:
     datastore: str = opt(**DATASTORE)
     index_shards: int | None = opt(None, metavar="N", group="ranges", file="shards", help="N near-equal id ranges")
     shard_size: int | None = opt(None, metavar="ROWS", group="ranges", help="ranges of ROWS ids",
-                                 default_text=f"when neither is given: {DEFAULT_SHARD_SIZE:,}")
+                                 default_text=f"{DEFAULT_SHARD_SIZE:,} when neither is given")
     workers: int | None = opt(None, help="concurrent add tasks",
                               default_text="one per GPU of the cluster, else one per node")
     threads: int | None = opt(None, help="CPU cores per add task",

@@ -30,8 +30,8 @@ def _nprobe():
 
 
 def _model():
-    return opt(None, file=False, help="the Hugging Face causal LM",
-               default_text="the model recorded in the manifest (must be the same)")
+    return opt(None, file=False, help="the Hugging Face causal LM: the one the datastore was built with",
+               default_text="the model recorded in the manifest")
 
 
 SERVERS_ADDRESS = "a Ray cluster with running servers of this datastore"
@@ -110,7 +110,7 @@ class ServeConfig:
     stop: bool = opt(False, group="action", file=False, help="remove this datastore's servers from the cluster and exit")
 
 
-@dataclass
+@dataclass(kw_only=True)                 # --out is required but listed after --k and --nprobe
 class QueryConfig:
     """`knnlm query`: the global top-k of a batch of query vectors."""
     datastore: str = opt(**DATASTORE)

@@ -220,7 +220,7 @@ def test_inputs_are_checked_on_the_cluster_not_here(tmp_path, gpt2_model):
     path = write_pipeline(tmp_path, gpt2_model, corpus=["/data/on-the-cluster/*.txt"])
     assert load_for_submit(path).build.corpus == ["/data/on-the-cluster/*.txt"]
     from builder.config import ConfigError
-    from cluster.pipeline import load_pipeline
+    from cluster.pipeline_file import load_pipeline
     with pytest.raises(ConfigError, match=r"build.corpus: /data/on-the-cluster/\*.txt: no file matches"):
         load_pipeline(path)
 

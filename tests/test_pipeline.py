@@ -11,7 +11,8 @@ from builder.config import AddConfig, BuildConfig, ConfigError, TrainConfig
 from builder.manifest import load_manifest
 from builder.train import train_stage
 from cluster.cli import main
-from cluster.pipeline import load_pipeline, parse_pipeline, run_pipeline
+from cluster.pipeline import run_pipeline
+from cluster.pipeline_file import load_pipeline, parse_pipeline
 from builder.storage import Storage
 from conftest import write_text
 from retriever.config import EvalConfig

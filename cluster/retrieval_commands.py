@@ -60,7 +60,8 @@ def serve(a: ServeConfig) -> int:
                       threads=a.threads, detached=a.address is not None)
         _print_status(server_status(a.datastore))
         if a.address is not None:
-            print(f"the servers run on the cluster; `knnlm serve {a.datastore} --address {a.address} --stop` removes them")
+            print(f"the servers run on the cluster; `knnlm serve {a.datastore} --address {a.address} --stop` "
+                  "removes them")
             return 0
         print("serving on an embedded Ray (reach it with --address auto); Ctrl-C stops", flush=True)
         try:

@@ -107,7 +107,8 @@ class ServeConfig:
                                 default_text="$KNNLM_CACHE or ~/.cache/knnlm")
     threads: int | None = opt(None, file=False, help="faiss threads per server", default_text="all cores")
     status: bool = opt(False, group="action", file=False, help="report every shard and replica's health and exit")
-    stop: bool = opt(False, group="action", file=False, help="remove this datastore's servers from the cluster and exit")
+    stop: bool = opt(False, group="action", file=False,
+                     help="remove this datastore's servers from the cluster and exit")
 
 
 @dataclass(kw_only=True)                 # --out is required but listed after --k and --nprobe

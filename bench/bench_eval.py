@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     from builder.config import AddConfig, BuildConfig, TrainConfig
     from builder.train import train_stage
     from retriever import start_servers, stop_servers
-    from retriever.evaluate import EvalConfig, evaluate
+    from retriever.config import EvalConfig
+    from retriever.evaluate import evaluate
 
     machine = machine_info("cpu")
     load_before = os.getloadavg()

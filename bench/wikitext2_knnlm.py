@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     from builder.train import train_stage
     from common import write_result
     from retriever import start_servers, stop_servers
-    from retriever.evaluate import EvalConfig, evaluate, plan_chunks, score_windows
+    from retriever.config import EvalConfig
+    from retriever.evaluate import evaluate, plan_chunks, score_windows
     from retriever.tune import read_cache, tune
 
     machine = machine_info("cpu")

@@ -1,15 +1,21 @@
-"""Typed, validated configuration of a datastore build (`knnlm build`)."""
+"""Typed, validated configuration of the datastore stages (`knnlm build`, `train-index`, `add`) and of
+`knnlm info` and `verify`: each field is the one definition of its option (flag, pipeline-file key,
+default, choices, help; see builder/options.py)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from builder.errors import KnnlmError
+from builder.options import opt
 
 KEY_LAYERS = ("ffn_input", "final_hidden")
 MODES = ("stream", "document")
 FORMATS = ("auto", "text", "wikitext", "jsonl", "parquet")
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRAINERS = ("auto", "faiss", "torch", "faiss-gpu")     # k-means of train-index (builder/index.py)
+ENCODERS = TRAINERS                                     # encoding of add
+METRICS = ("l2", "ip")
 MAX_DEFAULT_WINDOW = 1024
 
 
@@ -17,28 +23,45 @@ class ConfigError(KnnlmError, ValueError):
     """A user-facing configuration error; the message names the flag."""
 
 
+ADDRESS_HELP = "Ray cluster address as ray.init takes it (e.g. ray://head:10001 or auto)"
+LEASE_TTL_HELP = "seconds after its last renewal when a dead {}'s lease may be taken over"
+DATASTORE = dict(flag="datastore", metavar="DATASTORE_URI", file=False)   # the positional DATASTORE_URI
+
+
 @dataclass
 class BuildConfig:
-    corpus: list[str]
-    model: str
-    out: str
-    key_layer: str = "ffn_input"
-    window: int | None = None          # None: the model's max positions, capped at 1024
-    min_context: int | None = None     # None: window // 2
-    mode: str = "document"
-    format: str = "auto"
-    text_field: str = "text"           # jsonl / parquet records
-    shard_rows: int = 131072           # most rows per shard file
-    unit_tokens: int = 262144          # targets per work unit (the unit of retry and resume)
-    row_group_rows: int = 16384        # Parquet row group (the granularity of index sampling)
-    workers: int | None = None         # None: one per GPU, else 1 CPU worker using every core
-    address: str | None = None         # Ray address; None starts an embedded local Ray
-    device: str = "auto"
-    compute_dtype: str = "auto"        # auto: bf16 (or fp16) on GPU, fp32 on CPU
-    batch_size: int = 8                # windows per forward pass
-    lease_ttl: float = 60.0            # seconds after the last renewal before a lease is stale
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    corpus: list[str] = opt(flag="--corpus", metavar="PATH_OR_URI",
+                            help="input files, directories, globs (sorted) or s3:// URIs/prefixes, in corpus order")
+    model: str = opt(help="Hugging Face causal LM: local directory or hub id")
+    out: str = opt(metavar="URI", file=False, help="datastore root: a local path, file:// or s3://bucket/prefix")
+    key_layer: str = opt("ffn_input", choices=KEY_LAYERS,
+                         help="ffn_input: input of the last block's feed-forward (after its layer norm; the paper's "
+                              "best); final_hidden: input of the LM head")
+    window: int | None = opt(None, help="tokens per forward window",
+                             default_text="the model's maximum positions, capped at 1024")
+    min_context: int | None = opt(None, help="tokens of context a window re-reads from the previous one",
+                                  default_text="window/2")
+    mode: str = opt("document", choices=MODES,
+                    help="document: each document is its own sequence; stream: each input file is one sequence "
+                         "and contexts run across its documents (WikiText-103 style)")
+    format: str = opt("auto", choices=FORMATS,
+                      help="auto: .jsonl/.json → jsonl, .parquet → parquet, .tokens → wikitext, else text "
+                           "(a text file is one document; wikitext: a line ' = Title = ' starts an article)")
+    text_field: str = opt("text", help="JSONL field / Parquet column holding the text")
+    shard_rows: int = opt(131072, help="most rows per shard file")
+    unit_tokens: int = opt(262144, help="keys per work unit (the unit of dispatch, retry and resume)")
+    row_group_rows: int = opt(16384, help="Parquet row group size (the granularity of index-training samples)")
+    workers: int | None = opt(None, help="key workers",
+                              default_text="one per GPU of the cluster, else one CPU worker using all cores")
+    address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")
+    device: str = opt("auto", choices=DEVICES, help="device of the key workers' forward pass")
+    compute_dtype: str = opt("auto", choices=COMPUTE_DTYPES,
+                             help="dtype of the forward pass (auto: bfloat16 on GPU, float32 on CPU); keys are "
+                                  "stored as float16")
+    batch_size: int = opt(8, help="windows per forward pass")
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("build"))
+    progress: bool = opt(True, flag="--no-progress", file=False, help="no progress bar")
+    extra: dict = opt({}, flag=False, file=False)
 
     def __post_init__(self):
         if isinstance(self.corpus, str):
@@ -99,28 +122,37 @@ def _positive(flag: str, v) -> None:
 @dataclass
 class TrainConfig:
     """`knnlm train-index`: sample keys, train an index, store it at the datastore root."""
-    datastore: str
-    train_size: int = 1_000_000        # keys sampled (all keys if the datastore has fewer)
-    index_factory: str = "IVF4096,PQ64"
-    metric: str = "l2"
-    seed: int = 0
-    trainer: str = "auto"              # auto | faiss | torch | faiss-gpu
-    device: str = "auto"               # auto | cpu | cuda
-    read_factor: float = 4.0           # rows read per sampled key (whole row groups)
-    min_points_per_centroid: int = 39  # fewer training keys per IVF centroid is an error
-    force: bool = False
-    threads: int | None = None         # faiss/torch threads (default: all cores)
-    lease_ttl: float = 60.0
+    datastore: str = opt(**DATASTORE, help="a datastore root (local path or s3://) built by knnlm build")
+    train_size: int = opt(1_000_000, help="keys to sample (all keys if the datastore has fewer)")
+    index_factory: str = opt("IVF4096,PQ64", file="factory",
+                             help="faiss index factory string with an IVF layer, e.g. IVF4096,PQ64, OPQ64,IVF4096,PQ64 "
+                                  "or IVF1024,Flat (PQ sub-quantizers must divide the key dim)")
+    metric: str = opt("l2", choices=METRICS, help="l2: squared L2 distance (the kNN-LM paper's); ip: inner product")
+    seed: int = opt(0, help="seed of the sample and of the k-means")
+    trainer: str = opt("auto", choices=TRAINERS,
+                       help="auto: faiss's GPU k-means if faiss has GPU support, else torch on a CUDA GPU, else faiss "
+                            "on the CPU; torch: coarse and PQ k-means in torch (GPU if visible, else CPU)")
+    device: str = opt("auto", choices=DEVICES, help="device of the k-means")
+    read_factor: float = opt(4.0, help="rows read (whole row groups) per sampled key: more spreads the sample over "
+                                       "more of the datastore, at that many times the read")
+    min_points_per_centroid: int = opt(39, help="training keys needed per IVF centroid (faiss warns below 39)")
+    threads: int | None = opt(None, help="CPU threads for faiss/torch", default_text="all cores")
+    address: str | None = opt(None, file=False, default_text="in this process",
+                              help="run the training as one Ray task on this cluster (on a GPU node if it has GPUs), "
+                                   "a Ray address as ray.init takes it")
+    force: bool = opt(False, file=False,
+                      help="retrain even if an index with other settings exists (drops its index shards)")
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("run"))
 
     def __post_init__(self):
         if not self.datastore:
             raise ConfigError("DATASTORE_URI is required")
         _positive("--train-size", self.train_size)
         _positive("--min-points-per-centroid", self.min_points_per_centroid)
-        if self.metric not in ("l2", "ip"):
+        if self.metric not in METRICS:
             raise ConfigError(f"--metric: unknown metric {self.metric!r}; choose l2 or ip")
-        if self.trainer not in ("auto", "faiss", "torch", "faiss-gpu"):
-            raise ConfigError(f"--trainer: choose one of auto, faiss, torch, faiss-gpu (got {self.trainer!r})")
+        if self.trainer not in TRAINERS:
+            raise ConfigError(f"--trainer: choose one of {', '.join(TRAINERS)} (got {self.trainer!r})")
         if self.device not in DEVICES:
             raise ConfigError(f"--device: choose one of {', '.join(DEVICES)} (got {self.device!r})")
         if not self.read_factor >= 1:
@@ -133,23 +165,31 @@ class TrainConfig:
             raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
 
 
+DEFAULT_SHARD_SIZE = 50_000_000
+
+
 @dataclass
 class AddConfig:
     """`knnlm add`: encode every key into index shards of contiguous global-id ranges."""
-    datastore: str
-    index_shards: int | None = None    # N contiguous id ranges ...
-    shard_size: int | None = None      # ... or ranges of this many ids (default 50M)
-    workers: int | None = None         # concurrent add tasks (default: one per GPU, else one per node)
-    threads: int | None = None         # cores per add task (default: the node's cores / tasks per node)
-    encoder: str = "auto"              # auto | faiss | torch | faiss-gpu
-    device: str = "auto"
-    address: str | None = None
-    merge: bool = False                # also merge the shards into one on-disk index
-    force: bool = False
-    lease_ttl: float = 60.0
-    max_retries: int = 3               # a killed add task is redone this many times
+    datastore: str = opt(**DATASTORE)
+    index_shards: int | None = opt(None, metavar="N", group="ranges", file="shards", help="N near-equal id ranges")
+    shard_size: int | None = opt(None, metavar="ROWS", group="ranges", help="ranges of ROWS ids",
+                                 default_text=f"{DEFAULT_SHARD_SIZE:,} when neither is given")
+    workers: int | None = opt(None, help="concurrent add tasks",
+                              default_text="one per GPU of the cluster, else one per node")
+    threads: int | None = opt(None, help="CPU cores per add task",
+                              default_text="a node's cores shared by the tasks on it")
+    encoder: str = opt("auto", choices=ENCODERS,
+                       help="auto: faiss GPU if available, else torch on a CUDA GPU, else faiss on the CPU")
+    device: str = opt("auto", choices=DEVICES, help="device of the encoding")
+    address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")
+    merge: bool = opt(False, help="also merge the shards into one index over on-disk inverted lists "
+                                  "(index/merged.faiss + index/merged.ivfdata) for single-node serving")
+    force: bool = opt(False, file=False, help="rebuild the shards even if others exist")
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("run"))
+    max_retries: int = opt(3, flag=False, file=False)     # a killed add task is redone this many times
 
-    DEFAULT_SHARD_SIZE = 50_000_000
+    DEFAULT_SHARD_SIZE = DEFAULT_SHARD_SIZE
 
     def __post_init__(self):
         if not self.datastore:
@@ -160,9 +200,23 @@ class AddConfig:
                         ("--workers", self.workers), ("--threads", self.threads)):
             if v is not None:
                 _positive(flag, v)
-        if self.encoder not in ("auto", "faiss", "torch", "faiss-gpu"):
-            raise ConfigError(f"--encoder: choose one of auto, faiss, torch, faiss-gpu (got {self.encoder!r})")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"--encoder: choose one of {', '.join(ENCODERS)} (got {self.encoder!r})")
         if self.device not in DEVICES:
             raise ConfigError(f"--device: choose one of {', '.join(DEVICES)} (got {self.device!r})")
         if self.lease_ttl <= 0:
             raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
+
+
+@dataclass
+class InfoConfig:
+    """`knnlm info`: a datastore's manifest summary."""
+    datastore: str = opt(**DATASTORE)
+    json: bool = opt(False, file=False, help="print the whole manifest")
+
+
+@dataclass
+class VerifyConfig:
+    """`knnlm verify`: every shard and index file against the manifest."""
+    datastore: str = opt(**DATASTORE)
+    threads: int = opt(8, file=False, help="shards read in parallel")

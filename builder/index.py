@@ -22,14 +22,11 @@ from typing import Iterable
 
 import numpy as np
 
-from builder.config import ConfigError
+from builder.config import METRICS, TRAINERS, ConfigError
 from builder.kmeans import TorchEncoder, train_index_torch
 
 log = logging.getLogger(__name__)
 
-METRICS = ("l2", "ip")
-TRAINERS = ("auto", "faiss", "torch", "faiss-gpu")
-ENCODERS = TRAINERS
 MIN_POINTS_PER_CENTROID = 39  # faiss warns below this many training points per centroid
 
 

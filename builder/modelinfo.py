@@ -8,35 +8,14 @@ import logging
 import os
 from dataclasses import dataclass
 
-from builder.errors import KnnlmError
 from builder.keys import find_key_module
+from builder.model_dir import ModelError, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "vocab.txt")
-
-
-class ModelError(KnnlmError, ValueError):
-    pass
-
-
-def resolve_model_dir(model: str) -> str:
-    """A local directory holding the model: the path itself, or a Hugging Face hub snapshot."""
-    p = os.path.abspath(os.path.expanduser(model))
-    if os.path.isdir(p):
-        if not os.path.exists(os.path.join(p, "config.json")):
-            raise ModelError(f"--model {model}: directory has no config.json (not a Hugging Face model)")
-        return p
-    if os.path.exists(p) or model.startswith((".", "/", "~")):
-        raise ModelError(f"--model {model}: no such model directory")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.bin"])
-    except Exception as e:
-        raise ModelError(f"--model {model}: not a local directory, and the Hugging Face hub could not provide it "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def config_max_positions(model_dir: str) -> int | None:

@@ -39,6 +39,26 @@ class NotFound(StorageError):
     pass
 
 
+class InputError(Exception):
+    """A corpus argument that cannot be read. The message names the flag (`--corpus SPEC: why`);
+    `detail` is the message without it, for callers that name the input otherwise (a pipeline key)."""
+
+    def __init__(self, detail: str, sep: str = " "):
+        super().__init__(f"--corpus{sep}{detail}")
+        self.detail, self.sep = detail, sep
+
+    def __reduce__(self):                   # pickles (e.g. from a Ray worker) with its parts
+        return type(self), (self.detail, self.sep)
+
+
+class InputNotFound(InputError, FileNotFoundError):
+    """A corpus argument matches no file or object."""
+
+
+class DuplicateInput(InputError, ValueError):
+    """A file named twice by the corpus arguments (it would be in the datastore twice)."""
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -556,28 +576,28 @@ def expand_inputs(specs: list[str]) -> list[str]:
             else:
                 objs = [k for k in objs if not key or k.startswith(key.rstrip("/") + "/")]
             if not objs:
-                raise FileNotFoundError(f"--corpus {spec}: no object matches")
+                raise InputNotFound(f"{spec}: no object matches")
             out.extend(f"s3://{bucket}/{k}" for k in sorted(objs))
         else:
             p = local_path(spec)
             if any(ch in spec for ch in "*?["):
                 matches = sorted(m for m in glob.glob(p, recursive=True) if os.path.isfile(m))
                 if not matches:
-                    raise FileNotFoundError(f"--corpus {spec}: no file matches this pattern")
+                    raise InputNotFound(f"{spec}: no file matches this pattern")
                 out.extend(matches)
             elif os.path.isdir(p):
                 matches = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs)
                 if not matches:
-                    raise FileNotFoundError(f"--corpus {spec}: directory is empty")
+                    raise InputNotFound(f"{spec}: directory is empty")
                 out.extend(matches)
             elif os.path.isfile(p):
                 out.append(p)
             else:
-                raise FileNotFoundError(f"--corpus {spec}: no such file or directory")
+                raise InputNotFound(f"{spec}: no such file or directory")
     seen = set()
     for u in out:
         if u in seen:
-            raise ValueError(f"--corpus: {u} is given more than once")
+            raise DuplicateInput(f"{u} is given more than once", sep=": ")
         seen.add(u)
     return out
 

@@ -29,6 +29,24 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 
 from builder.config import ConfigError
+from builder.corpus import _decode
+from builder.manifest import load_manifest
+from builder.modelinfo import inspect_model
+from builder.runtime import ray_session
+from builder.storage import (
+    Storage,
+    StorageError,
+    expand_inputs,
+    read_uri,
+    write_json_file,
+    write_local_text,
+)
+from cluster.config import DemoConfig
+from cluster.pipeline import run_pipeline
+from cluster.pipeline_file import load_pipeline, model_path, resolve_pipeline
+from retriever.evaluate import knnlm_settings
+from retriever.generate import generate
+from retriever.server import default_cache_dir
 
 log = logging.getLogger(__name__)
 ARTICLE = re.compile(r"^ = [^=].* = $")            # " = Title = " (not " = = Section = = ")
@@ -80,8 +98,6 @@ def prepare_corpus(out_dir: str, corpus: list[str] | None = None) -> dict[str, s
     wikitext when the text is made of WikiText articles (the shipped corpus), else text."""
     out_dir = os.path.abspath(out_dir)
     if corpus:
-        from builder.corpus import _decode
-        from builder.storage import StorageError, expand_inputs, read_uri
         try:
             uris = expand_inputs(corpus)
         except (FileNotFoundError, ValueError) as e:                    # "--corpus X: why"
@@ -223,7 +239,6 @@ def train_model(train_path: str, valid_path: str, out_dir: str, spec: ModelSpec,
 
 
 def default_model_cache() -> str:
-    from retriever.server import default_cache_dir
     return os.path.join(default_cache_dir(), "demo-models")
 
 
@@ -250,25 +265,6 @@ def demo_model(paths: dict[str, str], spec: ModelSpec, cache_dir: str | None = N
 
 # ---------------------------------------------------------------------------------------------
 # the demo
-
-
-@dataclass
-class DemoConfig:
-    out: str = "./knnlm-demo"
-    model: str | None = None           # None: train the small GPT-2 (cached)
-    corpus: list[str] | None = None    # None: the shipped WikiText-2 text
-    epochs: float = 3.0                # training epochs of the demo model
-    index_factory: str | None = None   # default: IVF1024 with fast-scan PQ (for the CPU)
-    window: int | None = None          # default: the model's positions (capped at 1024), context half of it
-    prompt: str | None = None          # default: the start of the first test article
-    max_new_tokens: int = 40
-    model_cache: str | None = None
-
-    def __post_init__(self):
-        if not self.epochs > 0:
-            raise ConfigError(f"--epochs must be positive (got {self.epochs})")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be positive (got {self.max_new_tokens})")
 
 
 def index_factory(dim: int, train_tokens: int) -> str:
@@ -305,15 +301,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     import yaml
     from transformers import AutoTokenizer
 
-    from builder.modelinfo import inspect_model
-    from builder.runtime import ray_session
-    from builder.storage import write_json_file, write_local_text
-    from cluster.pipeline import (
-        load_pipeline,
-        model_path,
-        resolve_pipeline,
-        run_pipeline,
-    )
     t0 = time.perf_counter()
     out = os.path.abspath(os.path.expanduser(cfg.out))
     pfile = os.path.join(out, "pipeline.yaml")
@@ -350,10 +337,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 def generate_samples(datastore: str, model: str, test_path: str, cfg: DemoConfig) -> dict:
     """One greedy continuation of a prompt with and without the datastore (tuned λ, T, k); the default
     prompt opens the first held-out (test) article."""
-    from builder.manifest import load_manifest
-    from builder.storage import Storage
-    from retriever.evaluate import knnlm_settings
-    from retriever.generate import generate
     st = Storage.from_uri(datastore)
     m = load_manifest(st)
     lam, temp, k = knnlm_settings(m, None, None, None)
@@ -385,3 +368,9 @@ def report(r: dict) -> str:
               f"results: {os.path.join(r['out'], 'results.json')} ({r['seconds']:.0f} s)",
               f"rerun the pipeline (a no-op now): knnlm run {r['pipeline']}"]
     return "\n".join(lines)
+
+
+def demo(cfg: DemoConfig) -> int:
+    """`knnlm demo`: run it and print the table."""
+    print(report(run_demo(cfg)))
+    return 0

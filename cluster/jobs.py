@@ -1,4 +1,5 @@
-"""`knnlm submit`, `knnlm status`, `knnlm logs`: a pipeline as a Ray job on an existing cluster.
+"""The Ray Jobs API client behind `knnlm submit`, `status` and `logs` (their output: cluster/job_commands.py):
+a pipeline as a Ray job on an existing cluster.
 
 `knnlm submit PIPELINE.yaml --address http://HEAD:8265` hands the pipeline to the cluster's
 Ray Jobs API and follows its log. The job runs `knnlm run` on the cluster, so it outlives
@@ -12,7 +13,7 @@ Why these choices:
   pipeline file, nothing else (kilobytes): the cluster runs the submitter's code, on the driver
   and on every worker. The cluster needs the dependencies (torch, faiss, ...) installed, as for
   `--address` elsewhere.
-- **The job's driver** (`python -m cluster.jobs`, see `job_main`) connects to its own cluster
+- **The job's driver** (`python -m cluster.job_driver`) connects to its own cluster
   first and then runs `knnlm run` on the file with `address: auto`: the stages run in cluster
   mode, as `knnlm run --address auto` on the head node would.
 - **No environment variables are shipped.** Credentials stay where they are: the job reads
@@ -39,20 +40,18 @@ import tempfile
 import time
 from urllib.parse import urlparse
 
-from builder.runtime import ClusterError
+from builder.runtime import ClusterError, package_dirs
+from cluster.config import DEFAULT_JOBS_ADDRESS
+from cluster.pipeline_file import load_pipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PIPELINE_FILE = "pipeline.yaml"                     # the resolved file, at the root of the job's working_dir
-PACKAGES = ("builder", "cluster", "retriever")      # what the job imports from the submitter's checkout
-ENTRYPOINT = f"python -u -m cluster.jobs {PIPELINE_FILE}"   # job_main; -u: the log streams as it is written
+DRIVER = "cluster.job_driver"                       # the job's entrypoint module; -u: its log streams as written
+ENTRYPOINT = f"python -u -m {DRIVER} {PIPELINE_FILE}"
 META_PIPELINE = "knnlm_pipeline"                    # job metadata: the pipeline key (job id without attempt)
 META_DATASTORE = "knnlm_datastore"
 ACTIVE = ("PENDING", "RUNNING")
-ADDRESS_HELP = ("the Ray Jobs API URL of the cluster's dashboard, http://HEAD:8265, as `ray job submit --address` "
-                "takes it (here, unlike in the other subcommands, --address is NOT the ray.init/GCS address "
-                "HEAD:6379). Default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else " + DEFAULT_ADDRESS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def jobs_address(address: str | None) -> str:
     for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
         if not addr and os.environ.get(var):
             source, addr = f"${var}", os.environ[var]
-    addr = (addr or DEFAULT_ADDRESS).strip().rstrip("/")
+    addr = (addr or DEFAULT_JOBS_ADDRESS).strip().rstrip("/")
     if addr in ("auto", "local") or "://" in addr and not addr.startswith(("http://", "https://")):
         raise ClusterError(f"{source} {addr}: knnlm submit/status/logs need the Jobs API URL of the cluster's "
                            "dashboard, e.g. --address http://HEAD:8265 (what `ray job submit --address` takes), "
@@ -81,7 +80,7 @@ def jobs_address(address: str | None) -> str:
     return addr
 
 
-def _no_answer(addr: str, why: str) -> ClusterError:
+def no_answer(addr: str, why: str) -> ClusterError:
     return ClusterError(
         f"--address {addr}: the Ray Jobs API does not answer ({why}). --address must be the URL of the cluster's "
         "dashboard, http://HEAD:8265 (as `ray job submit --address` takes it), not the ray.init address HEAD:6379. "
@@ -108,7 +107,7 @@ def _local_auth_token() -> str | None:
 def connect_jobs(address: str | None, timeout: float = 10.0):
     """A JobSubmissionClient for `address` (see jobs_address), or a ClusterError saying what to check.
 
-    Recent Ray (2.60 here) turns token authentication on by default, but Ray's client sends the token
+    Recent Ray versions turn token authentication on by default, but Ray's client sends the token
     only when RAY_AUTH_MODE=token is set in *this* process, which a laptop rarely has. So a first
     refusal (401) is retried once with the local token (see _local_auth_token)."""
     from ray.exceptions import AuthenticationError
@@ -124,7 +123,7 @@ def connect_jobs(address: str | None, timeout: float = 10.0):
     try:  # a quick probe: requests has no connect timeout here, and a firewalled port would hang for minutes
         socket.create_connection((u.hostname, port), timeout=timeout).close()
     except OSError as e:
-        raise _no_answer(addr, getattr(e, "strerror", None) or str(e) or type(e).__name__) from None
+        raise no_answer(addr, getattr(e, "strerror", None) or str(e) or type(e).__name__) from None
 
     def make(headers):
         try:
@@ -136,7 +135,7 @@ def connect_jobs(address: str | None, timeout: float = 10.0):
                                "ray.init/GCS port, 6379?); give the URL of the cluster's dashboard, "
                                "http://HEAD:8265") from None
         except Exception as e:
-            raise ClusterError(f"--address {addr}: answers, but not as a Ray Jobs API: {_short_error(e)}; give the "
+            raise ClusterError(f"--address {addr}: answers, but not as a Ray Jobs API: {short_error(e)}; give the "
                                "URL of the cluster's dashboard, http://HEAD:8265") from None
     try:
         return make(None)
@@ -155,22 +154,22 @@ def connect_jobs(address: str | None, timeout: float = 10.0):
                            "the head)") from None
 
 
-def _short_error(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """A Jobs API error without the server's traceback: its last meaningful line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != "."]
     return lines[-1].rstrip(".") if lines else type(e).__name__
 
 
-def _job_info(client, job_id: str, addr: str):
+def job_info(client, job_id: str, addr: str):
     try:
         return client.get_job_info(job_id)
     except RuntimeError as e:
         if "404" in str(e) or "does not exist" in str(e):
             raise ClusterError(f"no job {job_id!r} on the cluster at {addr}; `knnlm status --address {addr}` lists "
                                "knnlm's jobs there") from None
-        raise ClusterError(f"--address {addr}: cannot read job {job_id}: {_short_error(e)}") from None
+        raise ClusterError(f"--address {addr}: cannot read job {job_id}: {short_error(e)}") from None
     except (ConnectionError, OSError) as e:
-        raise _no_answer(addr, _short_error(e)) from None
+        raise no_answer(addr, short_error(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +183,6 @@ def load_for_submit(pipeline_path: str):
     The inputs it names are not checked here: they must exist on the cluster (or be s3:// URIs),
     and the job's `knnlm run` checks them there, before any work. The address is `auto`: the
     cluster the job runs on."""
-    from cluster.pipeline import load_pipeline
     return load_pipeline(pipeline_path, "auto", check_inputs=False)
 
 
@@ -199,18 +197,16 @@ def pipeline_key(p) -> str:
 
 
 def stage_working_dir(p, dest: str) -> str:
-    """Fill `dest` with what the job needs: the source folders of PACKAGES (only .py files) and the
-    resolved pipeline as PIPELINE_FILE. Returns dest."""
-    import importlib
-
+    """Fill `dest` with what the job needs: the project's source folders (builder.runtime.package_dirs,
+    only .py files) and the resolved pipeline as PIPELINE_FILE. Returns dest."""
     import yaml
+
     def not_source(folder, names):
         return [n for n in names if n == "__pycache__"
                 or not (n.endswith(".py") or os.path.isdir(os.path.join(folder, n)))]
 
-    for name in PACKAGES:
-        src = os.path.dirname(importlib.import_module(name).__file__)
-        shutil.copytree(src, os.path.join(dest, name), ignore=not_source)
+    for src in package_dirs():
+        shutil.copytree(src, os.path.join(dest, os.path.basename(src)), ignore=not_source)
     with open(os.path.join(dest, PIPELINE_FILE), "w", encoding="utf-8") as f:
         f.write(f"# resolved by knnlm submit from {os.path.basename(p.source)}\n")
         yaml.safe_dump(p.resolved(), f, sort_keys=False)
@@ -242,7 +238,7 @@ def submit_pipeline(pipeline_path: str, address: str | None, rerun: bool = False
     try:
         earlier = knnlm_jobs(client, key)
     except (ConnectionError, OSError, RuntimeError) as e:
-        raise ClusterError(f"--address {addr}: cannot list the cluster's jobs: {_short_error(e)}") from None
+        raise ClusterError(f"--address {addr}: cannot list the cluster's jobs: {short_error(e)}") from None
     statuses = {j.submission_id: str(j.status.value) for j in earlier}
     for j in reversed(earlier):
         if statuses[j.submission_id] in ACTIVE:
@@ -258,15 +254,15 @@ def submit_pipeline(pipeline_path: str, address: str | None, rerun: bool = False
     with tempfile.TemporaryDirectory(prefix="knnlm-job-") as tmp:
         wd = stage_working_dir(p, os.path.join(tmp, "job"))
         try:
-            client.submit_job(entrypoint=ENTRYPOINT.replace(" -m cluster.jobs ", " -m cluster.jobs -v ") if verbose
+            client.submit_job(entrypoint=ENTRYPOINT.replace(f" {DRIVER} ", f" {DRIVER} -v ") if verbose
                               else ENTRYPOINT, submission_id=job_id, runtime_env=job_runtime_env(wd),
                               metadata={META_PIPELINE: key, META_DATASTORE: p.datastore})
         except RuntimeError as e:
             if "already exists" in str(e):     # a concurrent submission of the same pipeline won the id
                 return "running", job_id, client
-            raise ClusterError(f"--address {addr}: the cluster refused the job: {_short_error(e)}") from None
+            raise ClusterError(f"--address {addr}: the cluster refused the job: {short_error(e)}") from None
         except (ConnectionError, OSError) as e:
-            raise _no_answer(addr, _short_error(e)) from None
+            raise no_answer(addr, short_error(e)) from None
     log.debug("submitted %s as job %s to %s", pipeline_path, job_id, addr)
     return "submitted", job_id, client
 
@@ -312,7 +308,7 @@ def follow_job(client, job_id: str, addr: str, out=None, reconnect_s: float = 30
             continue
         lost_since = lost_since or time.monotonic()
         if time.monotonic() - lost_since > reconnect_s:
-            raise ClusterError(f"lost the connection to {addr} while following job {job_id} ({_short_error(err)}); "
+            raise ClusterError(f"lost the connection to {addr} while following job {job_id} ({short_error(err)}); "
                                f"the job keeps running on the cluster. Follow it again: {logs_command(job_id, addr)} "
                                "--follow")
         log.debug("following %s: %s; retrying", job_id, err)
@@ -357,166 +353,3 @@ def failure_message(client, info, addr: str, tail_lines: int = 0) -> str:
     msg += (f"\nthe whole log: {logs_command(job_id, addr)}, the Ray dashboard's Jobs tab at {addr}, or on the "
             f"head node /tmp/ray/session_latest/logs/job-driver-{job_id}.log (Ray's default temp dir)")
     return msg
-
-
-def _finish(client, info, addr: str, followed: bool) -> int:
-    """Exit status of a finished job: 0 if it succeeded, else a ClusterError with its error."""
-    took = f" in {(info.end_time - info.start_time) / 1000:.0f}s" if info.end_time and info.start_time else ""
-    if info.status.value == "SUCCEEDED":
-        ds = (info.metadata or {}).get(META_DATASTORE)
-        print(f"job {info.submission_id} SUCCEEDED{took}" + (f": {ds}" if ds else ""), file=sys.stderr)
-        return 0
-    raise ClusterError(failure_message(client, info, addr, tail_lines=0 if followed else 20))
-
-
-def _follow_or_hint(client, job_id: str, addr: str) -> int:
-    print(f"following job {job_id} (Ctrl-C stops following, not the job)", file=sys.stderr)
-    try:
-        info = follow_job(client, job_id, addr)
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} keeps running on the cluster.\n"
-              f"  follow it again: {logs_command(job_id, addr)} --follow\n"
-              f"  its status:      knnlm status {job_id} --address {addr}\n"
-              f"  stop it:         ray job stop {job_id} --address {addr}", file=sys.stderr)
-        return 130
-    return _finish(client, info, addr, followed=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# the subcommands
-
-
-def _cmd_submit(a) -> int:
-    what, job_id, client = submit_pipeline(a.pipeline, a.address, rerun=a.rerun, verbose=getattr(a, "verbose", False))
-    addr = jobs_address(a.address)
-    if what == "done":
-        print(f"nothing to do: job {job_id} already ran this pipeline and SUCCEEDED "
-              f"(see {logs_command(job_id, addr)}; --rerun submits it again)")
-        return 0
-    print(job_id)                                   # stdout: the id alone, for scripts
-    if what == "running":
-        print(f"job {job_id} is already running this pipeline on {addr}; not submitting it again", file=sys.stderr)
-    else:
-        print(f"submitted {a.pipeline} to {addr} as job {job_id}", file=sys.stderr)
-    if not a.follow:
-        print(f"follow it: {logs_command(job_id, addr)} --follow", file=sys.stderr)
-        return 0
-    return _follow_or_hint(client, job_id, addr)
-
-
-def _cmd_status(a) -> int:
-    client = connect_jobs(a.address)
-    addr = jobs_address(a.address)
-    if a.job_id is None:
-        jobs = knnlm_jobs(client)
-        if a.json:
-            print(json.dumps([_as_json(j) for j in jobs], indent=1))
-            return 0
-        if not jobs:
-            print(f"no knnlm jobs on {addr}")
-        width = max([len(j.submission_id) for j in jobs] or [0])
-        for j in jobs:
-            print(f"{j.submission_id:<{width}}  {j.status.value:<9}  {_when(j.start_time)}  "
-                  f"{(j.metadata or {}).get(META_DATASTORE, '')}")
-        return 0
-    info = _job_info(client, a.job_id, addr)
-    if a.json:
-        print(json.dumps(_as_json(info), indent=1))
-        return 0
-    print(f"{info.submission_id}: {info.status.value}")
-    meta = info.metadata or {}
-    if meta.get(META_DATASTORE):
-        print(f"  datastore: {meta[META_DATASTORE]}")
-    print(f"  started:   {_when(info.start_time)}" + (f", ended {_when(info.end_time)}" if info.end_time else ""))
-    if info.status.value in ("FAILED", "STOPPED"):
-        print("  " + failure_message(client, info, addr).replace("\n", "\n  "))
-    elif info.message:
-        print(f"  message:   {info.message.strip().splitlines()[0]}")
-    return 0
-
-
-def _cmd_logs(a) -> int:
-    client = connect_jobs(a.address)
-    addr = jobs_address(a.address)
-    info = _job_info(client, a.job_id, addr)
-    if a.follow and not info.status.is_terminal():
-        return _follow_or_hint(client, a.job_id, addr)
-    try:
-        sys.stdout.write(client.get_job_logs(a.job_id))
-    except (ConnectionError, OSError) as e:
-        raise _no_answer(addr, _short_error(e)) from None
-    sys.stdout.flush()
-    return _finish(client, info, addr, followed=True) if a.follow else 0
-
-
-def _as_json(info) -> dict:
-    d = info.model_dump(mode="json") if hasattr(info, "model_dump") else info.dict()
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in d.items()}
-
-
-def _when(ms) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
-
-
-def add_job_commands(sub) -> None:
-    """Add `submit`, `status` and `logs` to the CLI's subparsers."""
-    p = sub.add_parser(
-        "submit", help="run a pipeline file as a Ray job on an existing cluster (Ray Jobs API)",
-        description="Submit PIPELINE.yaml (the file `knnlm run` takes) to an existing Ray cluster through the Ray "
-                    "Jobs API, print the job id and follow its log. The job runs `knnlm run` on the cluster with "
-                    "this checkout's code (builder/, cluster/, retriever/) and the resolved file, in cluster mode "
-                    "(the file's `address` is replaced by the cluster the job runs on); the cluster needs the "
-                    "dependencies installed, and paths in the file must exist on the cluster (or be s3:// URIs). "
-                    "The file is checked here first: config errors show before anything is submitted. The cluster reads storage with its own credentials: no environment variable of this "
-                    "machine is sent. Ctrl-C or a lost connection stops following, not the job. Resubmitting a "
-                    "pipeline whose job succeeded does nothing; one that is running is followed, not started "
-                    "twice; another pipeline for the same datastore is refused by the build's lease while one runs.")
-    p.add_argument("pipeline", metavar="PIPELINE.yaml")
-    p.add_argument("--address", default=None, help=ADDRESS_HELP)
-    p.add_argument("--no-follow", dest="follow", action="store_false",
-                   help="print the job id and return; follow later with `knnlm logs JOB_ID --follow`")
-    p.add_argument("--rerun", action="store_true",
-                   help="submit even if a job already ran this pipeline successfully (the stages skip what is done)")
-    p.set_defaults(func=_cmd_submit)
-
-    p = sub.add_parser("status", help="status of a submitted job (or list knnlm's jobs on the cluster)",
-                       description="Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), its "
-                                   "datastore and times, and for a failed job its error and where to read its log. "
-                                   "Without JOB_ID, list the jobs knnlm submitted to the cluster.")
-    p.add_argument("job_id", metavar="JOB_ID", nargs="?", default=None)
-    p.add_argument("--address", default=None, help=ADDRESS_HELP)
-    p.add_argument("--json", action="store_true", help="the Jobs API's details as JSON")
-    p.set_defaults(func=_cmd_status)
-
-    p = sub.add_parser("logs", help="a submitted job's log (--follow: until it ends)",
-                       description="Print a job's log (its driver's stdout and stderr) as the cluster keeps it. "
-                                   "With --follow, stream it until the job ends; the exit status is then the "
-                                   "job's (non-zero if it failed).")
-    p.add_argument("job_id", metavar="JOB_ID")
-    p.add_argument("--address", default=None, help=ADDRESS_HELP)
-    p.add_argument("-f", "--follow", action="store_true", help="stream the log until the job ends")
-    p.set_defaults(func=_cmd_logs)
-
-
-# ---------------------------------------------------------------------------------------------
-# inside the job
-
-
-def job_main(argv: list[str]) -> int:
-    """The job's driver: `python -m cluster.jobs [-v] pipeline.yaml` in the job's working_dir.
-
-    It connects to the cluster it runs on *before* `knnlm run`, so that `ray_session` reuses this
-    connection: the job's runtime env already ships the code to every worker, and `connect_ray`'s
-    own runtime_env (py_modules given as module objects) cannot be merged with a job's by Ray
-    (it deep-copies both: "cannot pickle 'module' object")."""
-    import ray
-
-    from cluster.cli import main
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=True)
-    flags = [x for x in argv if x == "-v"]
-    return main(flags + ["run"] + [x for x in argv if x != "-v"])
-
-
-if __name__ == "__main__":
-    sys.exit(job_main(sys.argv[1:]))

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from builder.config import ConfigError
 from builder.corpus import detect_format, plan_windows, tokenize_file
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
@@ -31,6 +30,7 @@ from builder.manifest import load_manifest
 from builder.modelinfo import ModelError, inspect_model
 from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
+from retriever.config import EvalConfig
 from retriever.knnlm import (
     PAPER_K,
     PAPER_LAMBDA,
@@ -155,44 +155,6 @@ class EvalWorkerImpl:
 
 # ---------------------------------------------------------------------------------------------
 # the stage
-
-
-@dataclass
-class EvalConfig:
-    datastore: str
-    corpus: list[str]
-    model: str | None = None            # default: the manifest's model
-    lam: float | None = None            # default: the manifest's recorded choice, else 0.25
-    temperature: float | None = None    # default: the manifest's recorded choice, else 1.0
-    k: int | None = None                # default: the manifest's recorded choice, else 1024
-    nprobe: int = 32
-    rerank: bool = False
-    mode: str | None = None             # default: the manifest's
-    format: str = "auto"
-    text_field: str = "text"
-    address: str | None = None
-    workers: int | None = None
-    batch_size: int = 8
-    search_batch: int = 1024
-    chunk_targets: int = 8192
-    device: str = "auto"
-    threads: int | None = None
-    cache_dir: str | None = None
-    save_neighbours: str | None = None  # a folder URI for the neighbour cache (knnlm tune)
-
-    def __post_init__(self):
-        if isinstance(self.corpus, str):
-            self.corpus = [self.corpus]
-        if not self.corpus:
-            raise ConfigError("--corpus: at least one evaluation file is required")
-        if self.lam is not None and not 0 <= self.lam <= 1:
-            raise ConfigError(f"--lambda must be in [0, 1] (got {self.lam})")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ConfigError(f"--temperature must be positive (got {self.temperature})")
-        for flag, v in (("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
-                        ("--workers", self.workers)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
 
 
 @dataclass

@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.config import ConfigError
 from builder.manifest import load_manifest, write_manifest
-from builder.storage import NotFound, Storage
+from builder.storage import NotFound, Storage, write_json_file
+from retriever.config import TuneConfig
 from retriever.knnlm import (
     PAPER_LAMBDA,
     PAPER_TEMPERATURE,
@@ -118,6 +120,25 @@ def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> d
                    test_base_ppl=perplexity(float(test.lm.sum()), len(test.lm)), test_tokens=int(len(test.lm)),
                    test_paper_ppl=ppl(test, PAPER_LAMBDA, PAPER_TEMPERATURE, test.meta["k"]))
     return out
+
+
+def tune_caches(cfg: TuneConfig) -> dict:
+    """`knnlm tune` (and the pipeline's tune stage): λ, T, k chosen on the validation cache and reported
+    on the test cache (`tune`), then what `cfg` asks for: the plots (listed as `plots`), the JSON file
+    and the record in a datastore's manifest. A folder that is not a cache is a ConfigError."""
+    try:
+        valid = read_cache(cfg.valid)
+        test = read_cache(cfg.test) if cfg.test else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    res = tune(valid, test)
+    if cfg.plots:
+        res["plots"] = plot(res, cfg.plots)
+    if cfg.out:
+        write_json_file(cfg.out, res)
+    if cfg.record:
+        record(cfg.record, res)
+    return res
 
 
 def plot(result: dict, out_dir: str) -> list[str]:

@@ -14,8 +14,9 @@ import yaml
 
 from builder.config import ConfigError
 from cluster.cli import main
-from cluster.demo import DemoConfig, deal, pipeline_spec, prepare_corpus, split_documents
-from cluster.pipeline import load_pipeline
+from cluster.config import DemoConfig
+from cluster.demo import deal, pipeline_spec, prepare_corpus, split_documents
+from cluster.pipeline_file import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 STOCK_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"      # a stock Debian/Ubuntu PATH: python3, no python
@@ -68,7 +69,7 @@ def test_the_pipeline_file_runs_from_any_folder(tmp_path, monkeypatch, gpt2_mode
         assert p.build.corpus == [paths["train"]] and p.eval.corpus == [paths["test"]]
         assert (p.tune.valid, p.tune.test) == ([paths["valid"]], [paths["test"]])
         assert p.tune.plots == os.path.join(out, "plots") and p.eval.out == os.path.join(out, "eval-test.json")
-        assert p.index.factory == "IVF16,Flat" and (p.build.window, p.build.min_context) == (64, 32)
+        assert p.index.index_factory == "IVF16,Flat" and (p.build.window, p.build.min_context) == (64, 32)
 
 
 def test_demo_checks_its_inputs_before_training(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,6 @@ stopped by killing exactly its own process tree (`ray stop` would stop every Ray
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -29,17 +28,19 @@ import pytest
 import yaml
 from conftest import REPO, TRAIN_TEXT, _free_port, write_text
 
+from builder.runtime import ClusterError
+from cluster.cli import dispatch, make_parser, subcommands
 from cluster.jobs import (
+    ENTRYPOINT,
     META_PIPELINE,
-    add_job_commands,
     connect_jobs,
     follow_job,
     job_runtime_env,
     knnlm_jobs,
     load_for_submit,
     pipeline_key,
+    stage_working_dir,
 )
-from builder.runtime import ClusterError
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")  # Ray's job SDK
 
@@ -49,12 +50,10 @@ SUBMITTER_SECRET = f"submitter-secret-{uuid.uuid4().hex}"   # what the submittin
 
 def knnlm(*argv: str) -> tuple[int, str, str]:
     """Run a job subcommand in-process: (exit status, stdout, stderr); a ClusterError propagates."""
-    p = argparse.ArgumentParser(prog="knnlm")
-    add_job_commands(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(list(argv))
+    a = make_parser().parse_args(list(argv))
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = a.func(a)
+        rc = dispatch(a)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -197,11 +196,9 @@ def test_address_that_does_not_answer():
 
 
 def test_help_says_address_is_the_jobs_api_url():
-    p = argparse.ArgumentParser(prog="knnlm")
-    sub = p.add_subparsers(dest="command")
-    add_job_commands(sub)
+    sub = subcommands(make_parser())
     for name in ("submit", "status", "logs"):
-        text = " ".join(sub.choices[name].format_help().split())
+        text = " ".join(sub[name].format_help().split())
         assert "Jobs API URL" in text and "ray job submit --address" in text and "NOT the ray.init" in text
 
 
@@ -223,7 +220,7 @@ def test_inputs_are_checked_on_the_cluster_not_here(tmp_path, gpt2_model):
     path = write_pipeline(tmp_path, gpt2_model, corpus=["/data/on-the-cluster/*.txt"])
     assert load_for_submit(path).build.corpus == ["/data/on-the-cluster/*.txt"]
     from builder.config import ConfigError
-    from cluster.pipeline import load_pipeline
+    from cluster.pipeline_file import load_pipeline
     with pytest.raises(ConfigError, match=r"build.corpus: /data/on-the-cluster/\*.txt: no file matches"):
         load_pipeline(path)
 
@@ -237,6 +234,11 @@ def test_job_key_and_runtime_env_carry_no_credentials(tmp_path, gpt2_model):
         assert p.datastore == str(tmp_path / "ds") and p.address == "auto"
         env = job_runtime_env(str(tmp_path))
         assert set(env) == {"working_dir"} and SUBMITTER_SECRET not in json.dumps(env)
+    # the job's entrypoint names the driver module, which the staged folder holds
+    wd = stage_working_dir(p, str(tmp_path / "job"))
+    driver = ENTRYPOINT.split(" -m ")[1].split()[0]
+    assert (tmp_path / "job" / (driver.replace(".", "/") + ".py")).is_file()
+    assert sorted(os.listdir(wd)) == ["builder", "cluster", "pipeline.yaml", "retriever"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +305,6 @@ def test_credentials_never_travel(done_job, ray_head):
     assert SUBMITTER_SECRET not in json.dumps(info.model_dump(mode="json"))
     assert SUBMITTER_SECRET not in client.get_job_logs(job_id) and SUBMITTER_SECRET not in out + err
     # a job with the same runtime env sees the cluster's credentials, not the submitter's
-    from cluster.jobs import stage_working_dir
     with submitter_secret(), tempfile.TemporaryDirectory() as tmp:
         wd = stage_working_dir(load_for_submit(done_job[0]), os.path.join(tmp, "job"))
         jid = client.submit_job(entrypoint="python -c \"import os; print('secret:', os.environ.get("
@@ -398,8 +399,7 @@ def test_lost_connection_does_not_stop_the_job(ray_head, tmp_path):
     assert client.get_job_status(jid).value == "RUNNING"
 
     cli = ("import argparse, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # see ray_head
-           "from cluster.jobs import add_job_commands; p = argparse.ArgumentParser(); "
-           "add_job_commands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+           "from cluster.cli import dispatch, make_parser; sys.exit(dispatch(make_parser().parse_args(sys.argv[1:])))")
     follower = subprocess.Popen(
         [sys.executable, "-c", cli, "logs", jid, "--follow", "--address", ray_head.address],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

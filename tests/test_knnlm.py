@@ -5,19 +5,20 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import write_text
+from test_keys import reference_keys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.add import add_stage
-from builder.rows import iter_range
 from builder.build import build
 from builder.config import AddConfig, BuildConfig, TrainConfig
 from builder.manifest import load_manifest
-from builder.train import train_stage
+from builder.rows import iter_range
 from builder.storage import Storage
-from conftest import write_text
-from retriever.evaluate import EvalConfig, EvalError, evaluate, plan_chunks
+from builder.train import train_stage
+from retriever.config import EvalConfig
+from retriever.evaluate import EvalError, evaluate, plan_chunks
 from retriever.knnlm import interpolate, knn_log_probs, knn_log_probs_vocab, perplexity
-from test_keys import reference_keys
 
 W, C = 16, 6
 TRAIN = ["The quick brown fox jumps over the lazy dog. " * 4,

@@ -3,11 +3,14 @@
 Read from the source with `ast` (every import statement, in functions too): a file may import
 only from its own package or the ones below it; the graph of file → imported file has no cycle;
 the project's own imports sit at the top of each file. `from package import name` counts as
-importing the package's `__init__.py` unless `name` is a module of it.
+importing the package's `__init__.py` unless `name` is a module of it. A file that loads modules by
+name (`importlib.import_module`, e.g. the command line's dispatch table of handler modules) imports
+every project module whose name is a string constant in it: a table cannot hide an import.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -33,8 +36,13 @@ def project_imports(root: Path, path: Path) -> list[tuple[int, bool, Path]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     in_function = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for n in ast.walk(fn) if n is not fn}
+    loads_by_name = any(isinstance(n, ast.Attribute) and n.attr == "import_module" or
+                        isinstance(n, ast.Name) and n.id in ("import_module", "__import__") for n in ast.walk(tree))
     for node in ast.walk(tree):
         targets: list[str] = []
+        if loads_by_name and isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", node.value):
+            targets = [node.value]
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -134,3 +142,18 @@ def test_the_checker_fails_a_cycle(tmp_path):
              "retriever/b.py": "from retriever import e\n", "retriever/e.py": "from retriever import X\n"}
     problems = check_layers(_tree(tmp_path / "2", files))
     assert problems == ["import cycle: retriever/b.py -> retriever/e.py -> retriever/__init__.py -> retriever/b.py"]
+
+
+def test_the_checker_sees_modules_loaded_by_name(tmp_path):
+    """A dispatch table of module names (cluster/cli.py's COMMANDS) counts as imports of its file."""
+    table = ("import importlib\nHANDLERS = {'x': ('retriever.b', 'f')}\n\n"
+             "def run(name):\n    return importlib.import_module(HANDLERS[name][0])\n")
+    assert check_layers(_tree(tmp_path / "ok", {**GOOD, "cluster/c.py": table})) == []
+    up = table.replace("retriever.b", "cluster.c")
+    problems = check_layers(_tree(tmp_path / "up", {**GOOD, "retriever/t.py": up}))
+    assert problems == ["retriever/t.py:2: imports cluster/c.py from a higher layer "
+                        "(builder <- retriever <- cluster)"]
+    files = {**GOOD, "cluster/c.py": table.replace("retriever.b", "cluster.d"),
+             "cluster/d.py": "from cluster import c\n"}
+    assert check_layers(_tree(tmp_path / "cycle", files)) == [
+        "import cycle: cluster/c.py -> cluster/d.py -> cluster/c.py"]

@@ -4,17 +4,19 @@ import os
 
 import pytest
 import yaml
+from conftest import write_text
 
 from builder.add import add_stage
 from builder.build import build
 from builder.config import AddConfig, BuildConfig, ConfigError, TrainConfig
 from builder.manifest import load_manifest
+from builder.storage import Storage
 from builder.train import train_stage
 from cluster.cli import main
-from cluster.pipeline import load_pipeline, parse_pipeline, run_pipeline
-from builder.storage import Storage
-from conftest import write_text
-from retriever.evaluate import EvalConfig, evaluate
+from cluster.pipeline import run_pipeline
+from cluster.pipeline_file import load_pipeline, parse_pipeline
+from retriever.config import EvalConfig
+from retriever.evaluate import evaluate
 
 TRAIN = ["The quick brown fox jumps over the lazy dog. " * 4,
          "A kNN-LM interpolates a language model with nearest neighbours from a datastore. " * 3,

@@ -1,0 +1,163 @@
+"""The options of the retrieval commands (`knnlm serve`, `query`, `eval`, `tune`, `generate`,
+`neighbours`): each field is the one definition of its option (see builder/options.py). Light: the
+command line builds its parser from this module without numpy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from builder.config import DATASTORE, DEVICES, FORMATS, MODES, ConfigError
+from builder.options import opt
+
+TUNED = "the value `knnlm tune` recorded, else {}"
+
+
+# the kNN-LM settings, shared by eval and generate (defaults: retriever.knnlm.PAPER_*)
+def _lambda():
+    return opt(None, flag="--lambda", file="lambda", help="interpolation weight of p_kNN",
+               default_text=TUNED.format(0.25))
+
+
+def _temperature():
+    return opt(None, help="softmax temperature of p_kNN", default_text=TUNED.format(1.0))
+
+
+def _k():
+    return opt(None, help="neighbours", default_text=TUNED.format(1024))
+
+
+def _nprobe():
+    return opt(32, help="inverted lists probed per query")
+
+
+def _model():
+    return opt(None, file=False, help="the Hugging Face causal LM: the one the datastore was built with",
+               default_text="the model recorded in the manifest")
+
+
+SERVERS_ADDRESS = "a Ray cluster with running servers of this datastore"
+
+
+@dataclass
+class EvalConfig:
+    """`knnlm eval`: base LM and kNN-LM perplexity of evaluation text."""
+    datastore: str = opt(**DATASTORE)
+    corpus: list[str] = opt(metavar="PATH_OR_URI", help="evaluation text, read like build corpora (same formats)")
+    model: str | None = _model()
+    lam: float | None = _lambda()
+    temperature: float | None = _temperature()
+    k: int | None = _k()
+    nprobe: int = _nprobe()
+    save_neighbours: str | None = opt(None, metavar="URI", file=False,
+                                      help="also store, per token, the LM log-prob of the target and the k distances "
+                                           "and values (Parquet; see retriever/tune.py) for `knnlm tune`")
+    rerank: bool = opt(False, choices=("exact",), from_cli=lambda v: v == "exact",
+                       help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
+    mode: str | None = opt(None, choices=MODES, file=False, help="", default_text="the manifest's")
+    format: str = opt("auto", choices=FORMATS, help="the evaluation text's format, as build's --format")
+    text_field: str = opt("text", file=False, help="JSONL field / Parquet column holding the text")
+    address: str | None = opt(None, file=False, help=SERVERS_ADDRESS,
+                              default_text="embedded servers started for the call")
+    workers: int | None = opt(None, help="LM workers", default_text="one per GPU, else one")
+    batch_size: int = opt(8, file=False, help="windows per forward pass")
+    cache_dir: str | None = opt(None, file=False, help="cache of the embedded servers")
+    out: str | None = opt(None, metavar="FILE.json", help="also write the results as JSON")
+    search_batch: int = 1024
+    chunk_targets: int = 8192
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if not self.corpus:
+            raise ConfigError("--corpus: at least one evaluation file is required")
+        if self.lam is not None and not 0 <= self.lam <= 1:
+            raise ConfigError(f"--lambda must be in [0, 1] (got {self.lam})")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive (got {self.temperature})")
+        for flag, v in (("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
+                        ("--workers", self.workers)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+
+
+@dataclass
+class TuneConfig:
+    """`knnlm tune`: λ, T and k chosen on cached neighbours."""
+    valid: str = opt(metavar="CACHE", help="neighbour cache of the validation text")
+    test: str | None = opt(None, metavar="CACHE", help="neighbour cache of the test text")
+    out: str | None = opt(None, metavar="FILE.json", help="the choice, the figures and the whole grid")
+    plots: str | None = opt(None, metavar="DIR", help="PNG plots: perplexity vs lambda, vs k")
+    record: str | None = opt(None, metavar="DATASTORE_URI",
+                             help="store the choice in this datastore's manifest as `knnlm eval`'s default")
+
+
+@dataclass
+class ServeConfig:
+    """`knnlm serve`: the index servers of a datastore."""
+    datastore: str = opt(**DATASTORE)
+    replicas: int = opt(1, help="servers per index shard (on different nodes if possible)")
+    rerank: bool = opt(False, help="also keep each range's fp16 keys locally (memory-mapped) so requests can ask "
+                                   "for exact re-ranking of their candidates")
+    address: str | None = opt(None, file=False, help="Ray cluster address as ray.init takes it (e.g. auto, "
+                                                     "ray://head:10001)", default_text="an embedded local Ray")
+    device: str = opt("auto", choices=DEVICES,
+                      help="auto: faiss GPU when faiss has GPU support and the cluster GPUs (k <= 2048 there)")
+    cache_dir: str | None = opt(None, file=False, help="local cache of index shards and values on each node",
+                                default_text="$KNNLM_CACHE or ~/.cache/knnlm")
+    threads: int | None = opt(None, file=False, help="faiss threads per server", default_text="all cores")
+    status: bool = opt(False, group="action", file=False, help="report every shard and replica's health and exit")
+    stop: bool = opt(False, group="action", file=False,
+                     help="remove this datastore's servers from the cluster and exit")
+
+
+@dataclass(kw_only=True)                 # --out is required but listed after --k and --nprobe
+class QueryConfig:
+    """`knnlm query`: the global top-k of a batch of query vectors."""
+    datastore: str = opt(**DATASTORE)
+    queries: str = opt(metavar="Q.npy", help="float32 array of shape (n, dim)")
+    k: int = opt(1024, help="neighbours per query")
+    nprobe: int = _nprobe()
+    out: str = opt(metavar="R.npz", help="the results: dist, ids, values, partial, missing_shards")
+    rerank: bool = opt(False, help="re-rank each shard's candidates by exact distance")
+    allow_partial: bool = opt(False, help="return results from the shards that answer, flagged partial, instead "
+                                          "of failing")
+    batch_size: int = opt(1024, help="queries per router call")
+    address: str | None = opt(None, help=SERVERS_ADDRESS)
+    cache_dir: str | None = opt(None, help="cache of the embedded servers (no --address)")
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be a positive integer (got {self.batch_size})")
+
+
+@dataclass
+class GenerateConfig:
+    """`knnlm generate`: model.generate() with the kNN-LM's next-token distribution."""
+    datastore: str = opt(**DATASTORE)
+    prompt: str = opt(help="the text to continue")
+    max_new_tokens: int = opt(40, help="tokens to generate")
+    lam: float | None = _lambda()
+    temperature: float | None = _temperature()
+    k: int | None = _k()
+    nprobe: int = _nprobe()
+    sample: bool = opt(False, help="sample instead of greedy decoding")
+    seed: int = opt(0, help="seed of the sampling")
+    compare: bool = opt(False, help="also print the base LM's generation")
+    model: str | None = _model()
+    address: str | None = opt(None, help=SERVERS_ADDRESS, default_text="embedded servers started for the call")
+    cache_dir: str | None = opt(None, help="cache of the embedded servers")
+
+
+@dataclass
+class NeighboursConfig:
+    """`knnlm neighbours`: the retrieved neighbours of each position of a text, with their context."""
+    datastore: str = opt(**DATASTORE)
+    text: str = opt(help="the text whose positions are looked up")
+    k: int = opt(8, help="neighbours shown per position")
+    nprobe: int = _nprobe()
+    context: int = opt(24, help="datastore tokens shown before each neighbour's token")
+    json: bool = opt(False, help="print JSON instead of text")
+    model: str | None = _model()
+    address: str | None = opt(None, help=SERVERS_ADDRESS, default_text="embedded servers started for the call")
+    cache_dir: str | None = opt(None, help="cache of the embedded servers")

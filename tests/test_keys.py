@@ -4,9 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builder.corpus import Segment, Unit
 from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, load_encoder
-from builder.unit import UnitParams, compute_unit, unit_token_range
+from builder.unit import Segment, Unit, UnitParams, compute_unit, unit_token_range
 
 # the last block's feed-forward, written out per family (independent of find_key_module)
 LAST_FFN = {"gpt2": lambda m: m.transformer.h[-1].mlp, "neox": lambda m: m.gpt_neox.layers[-1].mlp,

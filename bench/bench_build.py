@@ -9,7 +9,7 @@ average before and after.
 Figures (keys/s = keys written, i.e. corpus targets, per second):
 
 1. Bare forward (the baseline). The corpus is tokenized and planned exactly as the build does
-   (`builder.corpus.tokenize_file`, `plan_units`, `builder.unit.unit_jobs`) and its windows are
+   (`builder.corpus.tokenize_file`, `builder.unit.plan_units`, `unit_jobs`) and its windows are
    batched exactly as `builder.unit.compute_unit` + `builder.keys.compute_keys` batch them
    (longest-first within chunks of batch_size*16 windows, right-padded with id 0). Only
    `encoder(input_ids)` of a `builder.keys.KeyEncoder` is timed, over those batches, with the
@@ -381,8 +381,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from builder.config import BuildConfig
-    from builder.corpus import count_targets, plan_units, tokenize_file
+    from builder.corpus import count_targets, tokenize_file
     from builder.keys import load_encoder, resolve_dtype
+    from builder.unit import plan_units
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

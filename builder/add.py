@@ -25,11 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from builder.config import AddConfig, ConfigError
+from builder.dispatch import dispatch, worker_lost
 from builder.faults import maybe_fault
 from builder.index import Encoder, file_sha256, is_fastscan, resolve_backend
 from builder.layout import (
     ADD_REQUEST,
+    INDEX_DIR,
     INDEX_LEASE,
+    INDEX_RECORDS_DIR,
+    INDEX_SHARDS_DIR,
     MERGED_INDEX,
     MERGED_IVFDATA,
     index_shard_path,
@@ -217,12 +221,12 @@ def add_stage(cfg: AddConfig) -> AddResult:
         lease.check()  # fencing: only the lease holder commits
         write_manifest(storage, m)
         listed = {s["path"] for s in shards}
-        for p in storage.list("index/shards/"):
+        for p in storage.list(INDEX_SHARDS_DIR):
             if p not in listed:
                 storage.delete(p)
-        storage.delete_prefix("_index/shards/")
+        storage.delete_prefix(INDEX_RECORDS_DIR)
         storage.delete(ADD_REQUEST)
-        storage.cleanup_incomplete("index/")
+        storage.cleanup_incomplete(INDEX_DIR)
         if cfg.merge:
             merge_shards(storage, m, lease)
     return AddResult(m, seconds=time.perf_counter() - t0, shards_run=len(pending),
@@ -245,8 +249,8 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
                  "from an older index" if have["index_checksum"] != want["index_checksum"] else "with other ranges")
         have = None
     if have is None or force:
-        storage.delete_prefix("_index/shards/")
-        for p in storage.list("index/shards/") + [MERGED_INDEX, MERGED_IVFDATA]:
+        storage.delete_prefix(INDEX_RECORDS_DIR)
+        for p in storage.list(INDEX_SHARDS_DIR) + [MERGED_INDEX, MERGED_IVFDATA]:
             storage.delete(p)
         storage.write_text(ADD_REQUEST, json.dumps(want))
         if force and m.index_shards:
@@ -254,7 +258,7 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
             write_manifest(storage, m)   # the old shards are about to go
         return {}
     records = {}
-    for p in storage.list("_index/shards/"):
+    for p in storage.list(INDEX_RECORDS_DIR):
         rec = json.loads(storage.read_text(p))
         if rec["index_checksum"] == want["index_checksum"] and storage.exists(rec["path"]):
             records[rec["shard"]] = rec
@@ -264,7 +268,6 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
 def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pending: list[int],
                records: dict[int, dict], fastscan: bool = False) -> int:
     import ray
-    import ray.exceptions as rex
 
     cpus, gpus = cluster_resources()
     use_gpu = gpus > 0 and cfg.device in ("auto", "cuda") and cfg.encoder != "faiss" and not fastscan
@@ -280,34 +283,27 @@ def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pen
                                                       max_retries=cfg.max_retries, retry_exceptions=[StorageError])
     device = "cuda" if use_gpu else "cpu"
     log.info("adding with %d concurrent tasks of %d threads%s", workers, threads, " and 1 GPU" if use_gpu else "")
-    queue = list(pending)
-    inflight: dict = {}
     added, t0 = 0, time.perf_counter()
     n = len(ranges)
-    try:
-        while queue or inflight:
-            while queue and len(inflight) < workers:
-                i = queue.pop(0)
-                inflight[task.remote(storage.uri, i, n, ranges[i][0], ranges[i][1], cfg.encoder, device,
-                                     threads)] = i
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=2.0)
-            lease.ensure()
-            for ref in done:
-                i = inflight.pop(ref)
-                try:
-                    records[i] = ray.get(ref)
-                except (rex.RayActorError, rex.WorkerCrashedError) as e:
-                    raise IndexBuildError(f"index shard {i} ({storage.url(index_shard_path(i, n))}): its worker died "
-                                          f"{cfg.max_retries + 1} times ({type(e).__name__}); rerun to resume") from None
-                except Exception as e:
-                    raise _unwrap(e, f"index shard {i} (ids {ranges[i][0]}..{sum(ranges[i]) - 1})") from None
-                added += ranges[i][1]
-                el = time.perf_counter() - t0
-                log.info("index shards %d/%d committed, %s ids, %s vectors/s", len(records), n, f"{added:,}",
-                         f"{added / max(el, 1e-9):,.0f}")
-    finally:
-        for ref in inflight:
-            ray.cancel(ref)
+
+    def done(i: int, rec: dict) -> None:
+        nonlocal added
+        records[i] = rec
+        added += ranges[i][1]
+        el = time.perf_counter() - t0
+        log.info("index shards %d/%d committed, %s ids, %s vectors/s", len(records), n, f"{added:,}",
+                 f"{added / max(el, 1e-9):,.0f}")
+
+    def fail(i: int, e: BaseException) -> IndexBuildError:
+        if worker_lost(e):  # Ray's retries are spent
+            return IndexBuildError(f"index shard {i} ({storage.url(index_shard_path(i, n))}): its worker died "
+                                   f"{cfg.max_retries + 1} times ({type(e).__name__}); rerun to resume")
+        return _unwrap(e, f"index shard {i} (ids {ranges[i][0]}..{sum(ranges[i]) - 1})")
+
+    # `workers` tasks at a time; a killed task is retried by Ray (max_retries), not here
+    dispatch(pending, lambda i, _w: task.remote(storage.uri, i, n, ranges[i][0], ranges[i][1], cfg.encoder, device,
+                                                threads),
+             done, fail, workers=workers, lease=lease)
     return added
 
 

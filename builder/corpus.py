@@ -1,4 +1,4 @@
-"""Corpus readers, tokenization of one input file, and the pure planner of work units.
+"""Corpus readers, tokenization of one input file, and the sliding windows over its sequences.
 
 Vocabulary used throughout:
 - *record*: one document as the input format defines it (a text file, a WikiText article,
@@ -8,7 +8,7 @@ Vocabulary used throughout:
   whole file in `stream` mode.
 - *target*: a token position t >= 1 of a sequence; each target gets exactly one key.
 - *unit*: a run of whole windows of consecutive sequences of one file; the unit of
-  dispatch, retry and resume.
+  dispatch, retry and resume (builder/unit.py).
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ _WIKI_TITLE = re.compile(rb"^ = [^=](?:.*[^=])? = *\r?\n?$")
 
 class InputError(KnnlmError, ValueError):
     """Bad corpus input; the message names the file (and record) and the flag to change."""
-
-
-class UnitError(KnnlmError, RuntimeError):
-    """A work unit failed because of its data (e.g. a non-finite key); retrying will not help."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +224,7 @@ def tokenize_file(data: bytes, uri: str, fmt: str, mode: str, tokenizer, text_fi
 
 
 # ---------------------------------------------------------------------------------------------
-# windows and units (pure)
+# windows (pure)
 
 
 def plan_windows(n: int, window: int, min_context: int) -> list[tuple[int, int, int, int]]:
@@ -251,67 +247,6 @@ def plan_windows(n: int, window: int, min_context: int) -> list[tuple[int, int, 
             return out
         prev_end = e
         s += stride
-
-
-@dataclass(frozen=True)
-class Segment:
-    seq: int          # sequence index within the file
-    offset: int       # offset of the sequence in the file's token array
-    length: int       # sequence length n
-    t0: int           # first target (a window boundary)
-    t1: int           # end target (a window boundary)
-    record: int       # record index (document mode) or -1
-
-
-@dataclass(frozen=True)
-class Unit:
-    id: int
-    file: int                 # input file index
-    segments: tuple[Segment, ...]
-
-    @property
-    def num_targets(self) -> int:
-        return sum(s.t1 - s.t0 for s in self.segments)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "file": self.file, "segments": [list(s.__dict__.values()) for s in self.segments]}
-
-    @staticmethod
-    def from_dict(d: dict) -> "Unit":
-        return Unit(d["id"], d["file"], tuple(Segment(*s) for s in d["segments"]))
-
-
-def plan_units(files: list[tuple[list[int], list[int]]], window: int, min_context: int,
-               unit_tokens: int) -> list[Unit]:
-    """Split the corpus into units of about `unit_tokens` targets. Pure and deterministic.
-
-    `files` holds, per input file in corpus order, (sequence lengths, sequence records).
-    Units never cross a file; they split sequences only at window boundaries, so a unit
-    that starts inside a sequence re-reads exactly min_context tokens of context and its
-    keys equal those of a single pass. Unit ids are consecutive in corpus order."""
-    units: list[Unit] = []
-    for fi, (lengths, records) in enumerate(files):
-        segs: list[Segment] = []
-        count = 0
-        offset = 0
-        for si, (n, rec) in enumerate(zip(lengths, records)):
-            seg_t0 = None
-            for (_, _, a, b) in plan_windows(n, window, min_context):
-                if b <= a:
-                    continue
-                if seg_t0 is None:
-                    seg_t0 = a
-                count += b - a
-                if count >= unit_tokens:
-                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
-                    units.append(Unit(len(units), fi, tuple(segs)))
-                    segs, count, seg_t0 = [], 0, None
-            if seg_t0 is not None:
-                segs.append(Segment(si, offset, n, seg_t0, n, rec))
-            offset += n
-        if segs:
-            units.append(Unit(len(units), fi, tuple(segs)))
-    return units
 
 
 def count_targets(lengths: list[int]) -> int:

@@ -18,10 +18,10 @@ import time
 import uuid
 
 from builder.errors import KnnlmError
+from builder.layout import BUILD_LEASE
 from builder.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
-LEASE = "_build/lease.json"
 
 
 class LeaseError(KnnlmError, RuntimeError):
@@ -29,7 +29,7 @@ class LeaseError(KnnlmError, RuntimeError):
 
 
 class Lease:
-    def __init__(self, storage: Storage, ttl: float = 60.0, path: str = LEASE, what: str = "build"):
+    def __init__(self, storage: Storage, ttl: float = 60.0, path: str = BUILD_LEASE, what: str = "build"):
         self.storage = storage
         self.path, self.what = path, what
         self.ttl = float(ttl)

@@ -2,7 +2,7 @@
 
 `manifest.json` at the datastore root is written last, when every shard is committed.
 While a build runs, its identity (what must not change on a resume) lives in
-`_build/request.json`; every later stage compares its own request with the manifest
+`_build/request.json` (builder/layout.py); every later stage compares its own request with the manifest
 and refuses a mismatch, naming both values and the flag.
 """
 from __future__ import annotations
@@ -11,11 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from builder.errors import KnnlmError
+from builder.layout import MANIFEST
 from builder.storage import NotFound, Storage
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-REQUEST = "_build/request.json"
 
 # identity field → the flag that sets it (for error messages)
 IDENTITY_FLAGS = {

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from builder.errors import KnnlmError
+from builder.layout import probe_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -332,7 +333,7 @@ class LocalStorage(Storage):
         return n
 
     def check_writable(self) -> None:
-        probe = f"_build/.probe-{uuid.uuid4().hex[:8]}"
+        probe = probe_path(uuid.uuid4().hex[:8])
         try:
             self.write_bytes(probe, b"ok")
         except StorageError as e:
@@ -490,7 +491,7 @@ class S3Storage(Storage):
 
     def check_writable(self) -> None:
         from botocore.exceptions import ClientError, NoCredentialsError
-        probe = f"_build/.probe-{uuid.uuid4().hex[:8]}"
+        probe = probe_path(uuid.uuid4().hex[:8])
         try:
             s3_client().put_object(Bucket=self.bucket, Key=self._k(probe), Body=b"ok")
             s3_client().delete_object(Bucket=self.bucket, Key=self._k(probe))

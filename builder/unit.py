@@ -1,9 +1,10 @@
-"""The key stage for one work unit: tokens → keys → committed shards. Pure core + paths.
+"""A work unit: the unit of dispatch, retry and resume of the key stage. Its plan, then its run.
 
-A unit's shards get deterministic names; the unit is committed when its record
-`_build/units/<id>.json` (listing its shards, rows and checksums) exists. Shards are
-written before the record, so a unit killed midway leaves only unlisted shards that
-its retry overwrites with the same bytes.
+Planning (pure): `plan_units` cuts the corpus's sequences into units of whole windows.
+Processing: `run_unit` computes a unit's keys and commits its shards. A unit's shards get
+deterministic names; the unit is committed when its record `_build/units/<id>.json` (listing its
+shards, rows and checksums) exists. Shards are written before the record, so a unit killed midway
+leaves only unlisted shards that its retry overwrites with the same bytes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from builder.corpus import Unit, UnitError, plan_windows
+from builder.corpus import plan_windows
+from builder.errors import KnnlmError
 from builder.faults import maybe_fault
 from builder.keys import KeyEncoder, WindowJob, compute_keys
 from builder.layout import shard_path, tokens_path, unit_record_path
@@ -28,18 +30,73 @@ log = logging.getLogger(__name__)
 # Tests kill a worker mid-unit with KNNLM_FAULT_FILE holding "exit:<unit id>:<marker>" (builder/faults.py).
 
 
-@dataclass
-class UnitParams:
-    window: int
-    min_context: int
-    mode: str
-    batch_size: int
-    shard_rows: int
-    row_group_rows: int
-    file_uri: str          # for error messages
-    doc_base: int          # document index of the file's record 0 (document mode)
-    pad_id: int = 0
-    writer_threads: int = 1  # shards encoded and uploaded in parallel (more on GPU workers)
+class UnitError(KnnlmError, RuntimeError):
+    """A work unit failed because of its data (e.g. a non-finite key); retrying will not help."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the unit and its planning (pure)
+
+
+@dataclass(frozen=True)
+class Segment:
+    seq: int          # sequence index within the file
+    offset: int       # offset of the sequence in the file's token array
+    length: int       # sequence length n
+    t0: int           # first target (a window boundary)
+    t1: int           # end target (a window boundary)
+    record: int       # record index (document mode) or -1
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: int
+    file: int                 # input file index
+    segments: tuple[Segment, ...]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(s.t1 - s.t0 for s in self.segments)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "file": self.file, "segments": [list(s.__dict__.values()) for s in self.segments]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Unit":
+        return Unit(d["id"], d["file"], tuple(Segment(*s) for s in d["segments"]))
+
+
+def plan_units(files: list[tuple[list[int], list[int]]], window: int, min_context: int,
+               unit_tokens: int) -> list[Unit]:
+    """Split the corpus into units of about `unit_tokens` targets. Pure and deterministic.
+
+    `files` holds, per input file in corpus order, (sequence lengths, sequence records).
+    Units never cross a file; they split sequences only at window boundaries, so a unit
+    that starts inside a sequence re-reads exactly min_context tokens of context and its
+    keys equal those of a single pass. Unit ids are consecutive in corpus order."""
+    units: list[Unit] = []
+    for fi, (lengths, records) in enumerate(files):
+        segs: list[Segment] = []
+        count = 0
+        offset = 0
+        for si, (n, rec) in enumerate(zip(lengths, records)):
+            seg_t0 = None
+            for (_, _, a, b) in plan_windows(n, window, min_context):
+                if b <= a:
+                    continue
+                if seg_t0 is None:
+                    seg_t0 = a
+                count += b - a
+                if count >= unit_tokens:
+                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
+                    units.append(Unit(len(units), fi, tuple(segs)))
+                    segs, count, seg_t0 = [], 0, None
+            if seg_t0 is not None:
+                segs.append(Segment(si, offset, n, seg_t0, n, rec))
+            offset += n
+        if segs:
+            units.append(Unit(len(units), fi, tuple(segs)))
+    return units
 
 
 def unit_token_range(unit: Unit, window: int, min_context: int) -> tuple[int, int]:
@@ -59,6 +116,24 @@ def unit_jobs(unit: Unit, window: int, min_context: int) -> list[tuple[int, int,
             if b > a and a >= seg.t0 and b <= seg.t1:
                 jobs.append((si, s, a, b))
     return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# processing a unit
+
+
+@dataclass
+class UnitParams:
+    window: int
+    min_context: int
+    mode: str
+    batch_size: int
+    shard_rows: int
+    row_group_rows: int
+    file_uri: str          # for error messages
+    doc_base: int          # document index of the file's record 0 (document mode)
+    pad_id: int = 0
+    writer_threads: int = 1  # shards encoded and uploaded in parallel (more on GPU workers)
 
 
 def compute_unit(unit: Unit, tokens: np.ndarray, base: int, encoder: KeyEncoder, p: UnitParams):

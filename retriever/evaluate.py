@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.corpus import detect_format, plan_windows, tokenize_file
+from builder.dispatch import dispatch
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
 from builder.keys import WindowJob, forward, load_encoder
-from builder.manifest import load_manifest
+from builder.layout import NEIGHBOUR_CACHE_META
+from builder.manifest import load_manifest, require_index_shards
 from builder.modelinfo import ModelError, inspect_model
 from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
@@ -218,8 +220,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     t0 = time.perf_counter()
     st = Storage.from_uri(cfg.datastore)
     m = load_manifest(st)
-    if not m.index or not m.index_shards:
-        raise EvalError(f"{st.uri} has no index: run `knnlm train-index {st.uri}` and `knnlm add {st.uri}` first")
+    require_index_shards(m, st.uri, EvalError)
     mode = cfg.mode or m.mode
     if mode != m.mode:
         raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
@@ -253,7 +254,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
                      cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
     if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
-        Storage.from_uri(cfg.save_neighbours).write_text("cache.json", json.dumps(
+        Storage.from_uri(cfg.save_neighbours).write_text(NEIGHBOUR_CACHE_META, json.dumps(
             {"metric": m.index["metric"], "k": k, "nprobe": cfg.nprobe, "rerank": cfg.rerank, "datastore": st.uri,
              "corpus": inputs, "tokens": n, "chunks": len(chunks)}))
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
@@ -290,28 +291,18 @@ def _plan(cfg: EvalConfig, m, mode: str, model_path: str) -> tuple[list[Chunk], 
 
 def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float
                 ) -> dict[int, dict]:
-    """Each chunk on the next free worker; {chunk id: its result}."""
-    import ray
-
+    """Each chunk on the next free worker, one at a time each; {chunk id: its result}. A dead worker's
+    chunk is retried by Ray on the restarted actor (max_task_retries), not here."""
     results: dict[int, dict] = {}
-    queue = list(chunks)
-    inflight: dict = {}
-    while queue or inflight:
-        busy = {id(w) for _, w in inflight.values()}
-        for w in pool:
-            if queue and id(w) not in busy:
-                c = queue.pop(0)
-                ref = w.run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                   cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
-                inflight[ref] = (c, w)
-        done, _ = ray.wait(list(inflight), num_returns=1)
-        for ref in done:
-            c, _w = inflight.pop(ref)
-            try:
-                results[c.id] = ray.get(ref)
-            except Exception as e:
-                raise unwrap_task_error(e, f"evaluation chunk {c.id}", (RetrieverError, RequestError, ValueError),
-                                        EvalError) from None
+
+    def done(c: Chunk, res: dict) -> None:
+        results[c.id] = res
+
+    dispatch(chunks, lambda c, w: pool[w].run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                                     cfg.batch_size, cfg.search_batch, cfg.save_neighbours),
+             done, lambda c, e: unwrap_task_error(e, f"evaluation chunk {c.id}",
+                                                  (RetrieverError, RequestError, ValueError), EvalError),
+             workers=len(pool))
     return results
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.config import ConfigError
+from builder.layout import NEIGHBOUR_CACHE_META, neighbour_chunk_path
 from builder.manifest import load_manifest, write_manifest
 from builder.storage import NotFound, Storage, write_json_file
 from retriever.config import TuneConfig
@@ -37,11 +38,6 @@ from retriever.knnlm import (
 )
 
 log = logging.getLogger(__name__)
-META = "cache.json"
-
-
-def chunk_path(i: int) -> str:
-    return f"neighbours-{i:05d}.parquet"
 
 
 def write_chunk(storage, i: int, target: np.ndarray, lm: np.ndarray, dist: np.ndarray, values: np.ndarray) -> None:
@@ -51,7 +47,7 @@ def write_chunk(storage, i: int, target: np.ndarray, lm: np.ndarray, dist: np.nd
                   "values": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.int32).ravel()), k)})
     sink = io.BytesIO()
     pq.write_table(t, sink, compression="zstd")
-    storage.write_bytes(chunk_path(i), sink.getvalue())
+    storage.write_bytes(neighbour_chunk_path(i), sink.getvalue())
 
 
 @dataclass
@@ -66,13 +62,13 @@ class Cache:
 def read_cache(uri: str) -> Cache:
     st = Storage.from_uri(uri)
     try:
-        meta = json.loads(st.read_text(META))
+        meta = json.loads(st.read_text(NEIGHBOUR_CACHE_META))
     except NotFound:
-        raise ValueError(f"{st.url(META)} not found: {uri} is not a neighbour cache (write one with "
+        raise ValueError(f"{st.url(NEIGHBOUR_CACHE_META)} not found: {uri} is not a neighbour cache (write one with "
                          "`knnlm eval ... --save-neighbours URI`)") from None
     parts = []
     for i in range(meta["chunks"]):
-        t = pq.read_table(pa.BufferReader(st.read_bytes(chunk_path(i))))
+        t = pq.read_table(pa.BufferReader(st.read_bytes(neighbour_chunk_path(i))))
         k = meta["k"]
         parts.append((t.column("target").to_numpy(), t.column("lm_logp").to_numpy(),
                       t.column("dist").combine_chunks().values.to_numpy().reshape(-1, k),

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.build import BuildError, build
 from builder.config import BuildConfig
-from builder.lease import LEASE, Lease
+from builder.layout import BUILD_LEASE
+from builder.lease import Lease
 from builder.manifest import load_manifest
 from builder.shards import checksum, read_shard
 from builder.storage import Storage
@@ -175,7 +176,7 @@ def test_driver_killed_then_resumed(tmp_path, doc_build, gpt2_model, ray_cluster
         proc.wait()
     assert not (out / "manifest.json").exists(), "the build finished before it was killed"
     committed = len(os.listdir(units))
-    assert (out / LEASE).exists()  # the dead driver's lease is still there
+    assert (out / BUILD_LEASE).exists()  # the dead driver's lease is still there
     t0 = time.time()
     caplog.set_level("WARNING")
     res = build(small_cfg(corpus, gpt2_model, out, unit_tokens=2))
@@ -205,15 +206,15 @@ def test_second_build_is_refused_while_one_runs(tmp_path, doc_build, gpt2_model)
 def test_dead_holders_lease_is_taken_over(tmp_path, doc_build, gpt2_model, caplog):
     _, corpus, _ = doc_build
     st = Storage.from_uri(str(tmp_path / "ds"))
-    st.write_text(LEASE, json.dumps({"holder": "dead", "host": "gone", "pid": 1, "renewed_at": time.time(),
-                                     "seq": 1, "ttl": 2.0}))
+    st.write_text(BUILD_LEASE, json.dumps({"holder": "dead", "host": "gone", "pid": 1, "renewed_at": time.time(),
+                                           "seq": 1, "ttl": 2.0}))
     caplog.set_level("WARNING")
     t0 = time.time()
     res = build(small_cfg(corpus, gpt2_model, tmp_path / "ds", lease_ttl=2.0))
     assert res.manifest.num_keys > 0
     assert "waiting up to" in caplog.text and "took over" in caplog.text
     assert time.time() - t0 >= 1.5
-    assert not st.exists(LEASE)
+    assert not st.exists(BUILD_LEASE)
 
 
 def test_mismatched_rerun_is_refused(tmp_path, doc_build, gpt2_model, tiny_models):

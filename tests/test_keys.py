@@ -4,9 +4,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builder.corpus import Segment, Unit
-from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, forward, load_encoder
-from builder.unit import UnitParams, compute_unit, unit_token_range
+from builder.keys import (
+    KeyEncoder,
+    KeyLayerError,
+    WindowJob,
+    compute_keys,
+    find_key_module,
+    forward,
+    load_encoder,
+)
+from builder.unit import Segment, Unit, UnitParams, compute_unit, unit_token_range
 
 # the last block's feed-forward, written out per family (independent of find_key_module)
 LAST_FFN = {"gpt2": lambda m: m.transformer.h[-1].mlp, "neox": lambda m: m.gpt_neox.layers[-1].mlp,
@@ -193,8 +200,8 @@ def test_cuda_keys_match_cpu(tiny_models, dtype):
 def test_run_unit_writes_shards_and_reports_progress(gpt2_model, tmp_path):
     from builder.layout import tokens_path, unit_record_path
     from builder.shards import checksum, read_shard
-    from builder.unit import run_unit
     from builder.storage import Storage
+    from builder.unit import run_unit
     st = Storage.from_uri(str(tmp_path))
     tokens = np.random.default_rng(3).integers(2, 300, 100).astype(np.int32)
     st.write_bytes(tokens_path(0), tokens.astype("<i4").tobytes())

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from builder.lease import LEASE, Lease, LeaseError
+from builder.layout import BUILD_LEASE
+from builder.lease import Lease, LeaseError
 from builder.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
 from conftest import write_text
 
@@ -77,7 +78,7 @@ def test_lease_refuses_live_holder_and_takes_over_dead_one(storage, caplog):
     with pytest.raises(LeaseError, match="lost the build lease"):
         a.check()
     c.release()
-    assert not storage.exists(LEASE)
+    assert not storage.exists(BUILD_LEASE)
 
 
 def test_expand_inputs_local(tmp_path):

@@ -30,7 +30,7 @@ from builder.index import (
     resolve_backend,
     train_index,
 )
-from builder.layout import INDEX_LEASE, trained_index_path
+from builder.layout import INDEX_DIR, INDEX_LEASE, INDEX_WORK_DIR, trained_index_path
 from builder.lease import Lease
 from builder.manifest import (
     Manifest,
@@ -76,8 +76,8 @@ class TrainResult:
 def drop_index_files(storage: Storage, keep: set[str]) -> int:
     """Delete everything under index/ and _index/ (but the lease) that is not in `keep`."""
     n = 0
-    for p in storage.list("index/") + storage.list("_index/"):
-        if p not in keep and not p.endswith("lease.json"):
+    for p in storage.list(INDEX_DIR) + storage.list(INDEX_WORK_DIR):
+        if p not in keep and p != INDEX_LEASE:
             storage.delete(p)
             n += 1
     return n

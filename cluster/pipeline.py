@@ -30,7 +30,7 @@ import time
 from builder.add import add_stage
 from builder.build import build
 from builder.config import ConfigError
-from builder.layout import INDEX_LEASE
+from builder.layout import INDEX_LEASE, NEIGHBOUR_CACHE_META, neighbour_cache_dir
 from builder.lease import Lease
 from builder.manifest import load_manifest, write_manifest
 from builder.runtime import ray_session
@@ -103,7 +103,7 @@ def record_pipeline(p: Pipeline) -> None:
 
 def _caches(p: Pipeline) -> dict[str, str]:
     st = Storage.from_uri(p.datastore)
-    return {"valid": st.url("eval/valid-neighbours"), "test": st.url("eval/test-neighbours")}
+    return {split: st.url(neighbour_cache_dir(split)) for split in ("valid", "test")}
 
 
 def _tune(p: Pipeline) -> dict:
@@ -114,7 +114,7 @@ def _tune(p: Pipeline) -> dict:
     for split, corpus in (("valid", t.valid), ("test", t.test)):
         uri = caches[split]
         try:
-            meta = json.loads(Storage.from_uri(uri).read_text("cache.json"))
+            meta = json.loads(Storage.from_uri(uri).read_text(NEIGHBOUR_CACHE_META))
         except NotFound:
             meta = None
         if meta and (meta.get("k"), meta.get("nprobe"), meta.get("corpus")) == (t.k, t.nprobe, expand_inputs(corpus)):

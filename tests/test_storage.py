@@ -3,11 +3,18 @@ import threading
 import time
 
 import pytest
+from conftest import write_text
 
 from builder.layout import BUILD_LEASE
 from builder.lease import Lease, LeaseError
-from builder.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
-from conftest import write_text
+from builder.storage import (
+    NotFound,
+    Storage,
+    StorageError,
+    expand_inputs,
+    normalize_uri,
+    split_s3,
+)
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -140,7 +147,7 @@ def test_transient_errors_are_retried_with_backoff(monkeypatch, caplog):
     """with_retries: connection drops and 5xx/throttling are retried; other errors are not."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from builder import storage as storage_mod
+    from builder import storage_s3 as storage_mod
     monkeypatch.setattr(storage_mod.time, "sleep", lambda s: None)
     calls = []
 

@@ -1,0 +1,145 @@
+"""Local storage (a path or file://): atomic writes by rename, a file lock for conditional writes."""
+from __future__ import annotations
+
+import fcntl
+import glob
+import os
+import uuid
+
+from builder.layout import probe_path
+from builder.storage_base import NotFound, Storage, StorageError
+
+
+class LocalStorage(Storage):
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.uri, rel)
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with open(self._p(rel), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        try:
+            with open(self._p(rel), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
+    def size(self, rel: str) -> int:
+        try:
+            return os.path.getsize(self._p(rel))
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self._p(rel)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def download_file(self, rel: str, path: str) -> None:
+        import shutil
+        try:
+            shutil.copyfile(self._p(rel), path)
+        except FileNotFoundError:
+            raise NotFound(f"{self.url(rel)} does not exist") from None
+
+    def upload_file(self, rel: str, path: str) -> None:
+        import shutil
+        dst = self._p(rel)
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise StorageError(f"cannot write {dst}: {e.strerror or e}") from e
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self._p(rel))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix)
+        out = []
+        if os.path.isdir(base):
+            for d, _, files in os.walk(base):
+                for f in files:
+                    if ".tmp-" in f or f.endswith(".lock"):
+                        continue
+                    out.append(os.path.relpath(os.path.join(d, f), self.uri))
+        return sorted(out)
+
+    def delete(self, rel: str) -> None:
+        for p in (self._p(rel), self._p(rel) + ".lock"):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+        # prune directories left empty (local only; S3 has no directories)
+        d = os.path.dirname(self._p(rel))
+        while d.startswith(self.uri + os.sep):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        path = self._p(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # write aside then hard-link: the object appears complete or not at all, and link()
+        # fails if the name exists (the conditional write)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+
+    def replace_if(self, rel: str, data: bytes, expected: bytes) -> bool:
+        path = self._p(rel)
+        with open(path + ".lock", "a") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    if f.read() != expected:
+                        return False
+            except FileNotFoundError:
+                return False
+            self.write_bytes(rel, data)
+            return True
+
+    def cleanup_incomplete(self, prefix: str = "") -> int:
+        n = 0
+        for p in glob.glob(os.path.join(self._p(prefix), "**", "*.tmp-*"), recursive=True):
+            try:
+                os.remove(p)
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+    def check_writable(self) -> None:
+        probe = probe_path(uuid.uuid4().hex[:8])
+        try:
+            self.write_bytes(probe, b"ok")
+        except StorageError as e:
+            raise StorageError(f"output {self.uri} is not writable: {e} (check --out)") from e
+        self.delete(probe)
+
+

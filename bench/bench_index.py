@@ -19,8 +19,8 @@ shard format) of --num-keys keys of --dim dims is written to a temporary local d
      against their sha256, decoded from float16, added in batches), in this process;
    - `knnlm add`'s stage (`builder.add.add_stage`) on an embedded Ray with 1 worker using every
      core, and with 2 workers sharing them (index shards written to storage, manifest committed);
-   - the torch encoder (`builder.kmeans.encode_torch`) on --device: codes only, and the share of
-     codes identical to faiss's `sa_encode` of the same keys.
+   - the torch encoder (`builder.torch_encoder.encode_torch`) on --device: codes only, and the
+     share of codes identical to faiss's `sa_encode` of the same keys.
 4. Projection: hours to add 3B keys at this dim from the measured rate per worker core.
 
     python bench/bench_index.py                           # dim 1024, IVF1024,PQ64: ~8 min on 2 cores
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         del idx, clone
 
         if not a.skip_torch_encode:
-            from builder.kmeans import encode_torch
+            from builder.torch_encoder import encode_torch
             encode_torch(trained, xall[:1000], device=a.device)          # warm-up (CUDA init)
             codes, t = timed(encode_torch, trained, xall, device=a.device)
             ref = trained.sa_encode(xall)

@@ -6,8 +6,9 @@ wrap them with storage, the manifest and Ray.
 Trainers and encoders (`auto` picks the first that applies):
 - `faiss-gpu`: faiss's own GPU k-means / GPU add, when faiss was built with GPU support;
 - `torch`: the coarse and PQ k-means, the coarse assignment and the PQ codes in torch
-  (builder/kmeans.py) on a CUDA GPU, loaded into the faiss index (faiss-gpu wheels are tied
-  to CUDA versions and often missing on a cluster); also runs on the CPU, which tests use;
+  (builder/torch_train.py, builder/torch_encoder.py) on a CUDA GPU, loaded into the faiss
+  index (faiss-gpu wheels are tied to CUDA versions and often missing on a cluster); also runs
+  on the CPU, which tests use;
 - `faiss`: faiss on the CPU.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Iterable
 import numpy as np
 
 from builder.config import METRICS, TRAINERS, ConfigError
-from builder.kmeans import TorchEncoder, train_index_torch
+from builder.torch_encoder import TorchEncoder
+from builder.torch_train import train_index_torch
 
 log = logging.getLogger(__name__)
 

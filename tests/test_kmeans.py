@@ -1,4 +1,5 @@
-"""The torch path for FAISS IVF indexes (builder/kmeans.py) against faiss itself.
+"""The torch path for FAISS IVF indexes against faiss itself: k-means (builder/kmeans.py), training
+(builder/torch_train.py) and encoding (builder/torch_encoder.py).
 
 Small seeded Gaussian mixtures; faiss-trained reference indexes are built once per module.
 """
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from builder import kmeans as km
-from builder.kmeans import assign_torch, encode_torch, kmeans, kmeans_batched, train_index_torch
+from builder.kmeans import kmeans, kmeans_batched
+from builder.torch_encoder import assign_torch, encode_torch
+from builder.torch_train import train_index_torch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 N, D = 10000, 32
@@ -280,16 +283,38 @@ def test_search_after_add_sa_codes(factory, metric, device):
     assert self_hits >= ref_hits - 0.03, (self_hits, ref_hits)
 
 
+def opq_and_centroids(index) -> tuple[np.ndarray, np.ndarray]:
+    """(OPQ matrix A (d_out * d_in,), coarse centroids (nlist, d)) of an OPQ,IVF index."""
+    vt = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    q = faiss.extract_index_ivf(index).quantizer
+    return faiss.vector_to_array(vt.A), q.reconstruct_n(0, q.ntotal)
+
+
 def test_train_with_trained_quantizer_and_pretransform():
-    """Trained parts are kept (as faiss does): only the PQ is trained."""
+    """Trained parts are kept (as faiss does): only the PQ is trained.
+
+    A new index gets the reference's trained OPQ matrix and coarse centroids (a deserialised
+    copy would hold a plain LinearTransform, whose train() does nothing), then is trained on the
+    reference's training vectors in another order: k-means picks its initial centroids by row
+    number, so a retrained OPQ matrix or quantizer would differ from the reference's, while
+    the PQ reaches the same error."""
     x = gmm()
     ref = faiss_trained("OPQ8,IVF64,PQ8np", L2)
-    index = copy_index(ref)
+    opq_ref, centroids_ref = opq_and_centroids(ref)
+    index = make_index("OPQ8,IVF64,PQ8np", L2)
+    opq = faiss.downcast_VectorTransform(index.chain.at(0))
+    assert isinstance(opq, faiss.OPQMatrix)
+    faiss.copy_array_to_vector(opq_ref, opq.A)
+    opq.set_is_orthonormal()  # what train() sets too: sa_decode inverts by the transpose
+    opq.is_trained = True
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    ivf.is_trained = False
-    index.is_trained = False
-    train_index_torch(index, x)
-    assert index.is_trained
+    ivf.quantizer.add(centroids_ref)
+    assert not index.is_trained and not ivf.is_trained
+    train_index_torch(index, x[np.random.default_rng(1).permutation(len(x))])
+    assert index.is_trained and ivf.is_trained
+    opq_ours, centroids_ours = opq_and_centroids(index)
+    np.testing.assert_array_equal(opq_ours, opq_ref)
+    np.testing.assert_array_equal(centroids_ours, centroids_ref)
     assert abs(recon_error(index, x) - recon_error(ref, x)) <= 0.01 * recon_error(ref, x)
 
 

@@ -27,7 +27,7 @@ Figures (keys/s = keys written, i.e. corpus targets, per second):
    `builder.build.build(BuildConfig(...))` in this process with Ray already initialised, so
    that Ray's start-up is separated from the steady-state overhead (the in-process figure still
    includes starting the key-worker actor and loading the model there).
-4. Shard writer: `builder.shards.encode_shard` (Parquet, fixed_size_binary key column, sha256)
+4. Shard writer: `builder.key_shards.encode_shard` (Parquet, fixed_size_binary key column, sha256)
    on a 65536 x dim float16 key block (dim of the model, and 1024), against a Parquet write of
    the same rows with a fixed_size_list<halffloat> key column and an Arrow IPC write of the
    same table; MB/s of key bytes, ratios against the Arrow IPC write.
@@ -310,7 +310,7 @@ def bench_writer(dims: list[int], repeats: int, seed: int, row_group_rows: int, 
     import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
 
-    from builder.shards import encode_shard, to_table
+    from builder.key_shards import encode_shard, to_table
 
     def timed(fn, budget_s: float = 20.0) -> list[float]:
         ts: list[float] = []

@@ -79,15 +79,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
     import faiss
-
     from bench_build import machine_info
+
     from builder.add import encode_range
     from builder.index import ivf_contents, new_index, quantization_error, train_index
+    from builder.key_shards import read_shard
     from builder.manifest import load_manifest
     from builder.sample import sample_keys
-    from builder.shards import read_shard
-    from builder.synthetic import write_synthetic_datastore
     from builder.storage import Storage
+    from builder.synthetic import write_synthetic_datastore
 
     machine = machine_info(a.device)
     machine["faiss"] = faiss.__version__

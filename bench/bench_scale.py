@@ -294,10 +294,10 @@ def helper_add(uri: str, num: int, threads: int) -> float:
     into a copy of the trained index, `threads` OpenMP threads."""
     import faiss
 
-    from builder.rows import iter_key_range
     from builder.manifest import load_manifest
-    from builder.train import load_trained_index
+    from builder.rows import iter_key_range
     from builder.storage import Storage
+    from builder.train import load_trained_index
     st = Storage.from_uri(uri)
     m = load_manifest(st)
     trained = load_trained_index(st, m)
@@ -342,9 +342,9 @@ def run_size(a, n: int, out_path: str) -> None:
     from builder.add import add_stage
     from builder.config import AddConfig, TrainConfig
     from builder.manifest import load_manifest
+    from builder.storage import Storage, local_path
     from builder.synthetic import synthetic_keys, write_synthetic_datastore
     from builder.train import train_stage
-    from builder.storage import Storage, local_path
     from retriever import Retriever, start_servers, stop_servers
 
     fixed = a.fixed_shard_size or max(1, a.sizes_list[0] // a.index_shards)
@@ -670,7 +670,6 @@ def main(argv=None) -> int:
         return 0
 
     import faiss
-
     from bench_build import machine_info
     from common import write_result
     machine = machine_info("cpu")

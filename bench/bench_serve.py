@@ -80,16 +80,16 @@ def main(argv=None) -> int:
 
     import faiss
     import ray
-
     from bench_build import machine_info
+
     from builder.add import add_stage
-    from builder.rows import iter_key_range
     from builder.config import AddConfig, TrainConfig
     from builder.index import add_batches
     from builder.manifest import load_manifest
+    from builder.rows import iter_key_range
+    from builder.storage import Storage
     from builder.synthetic import synthetic_keys, write_synthetic_datastore
     from builder.train import load_trained_index, train_stage
-    from builder.storage import Storage
     from retriever import Retriever, start_servers, stop_servers
 
     machine = machine_info("cpu")

@@ -54,14 +54,14 @@ def main(argv=None) -> int:
 
     import numpy as np
     import ray
-
     from bench_build import machine_info
+    from common import write_result
+
     from builder.add import add_stage
     from builder.build import build
     from builder.config import AddConfig, BuildConfig, TrainConfig
     from builder.keys import load_encoder
     from builder.train import train_stage
-    from common import write_result
     from retriever import start_servers, stop_servers
     from retriever.config import EvalConfig
     from retriever.evaluate import evaluate, plan_chunks, score_windows

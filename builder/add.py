@@ -28,6 +28,7 @@ from builder.config import AddConfig, ConfigError
 from builder.dispatch import dispatch, worker_lost
 from builder.faults import maybe_fault
 from builder.index import Encoder, file_sha256, is_fastscan, resolve_backend
+from builder.key_shards import ShardError
 from builder.layout import (
     ADD_REQUEST,
     INDEX_DIR,
@@ -48,7 +49,6 @@ from builder.runtime import (
     ray_session,
     unwrap_task_error,
 )
-from builder.shards import ShardError
 from builder.storage import NotFound, Storage, StorageError
 from builder.train import IndexBuildError, load_trained_index
 

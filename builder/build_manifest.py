@@ -12,17 +12,17 @@ import time
 from builder.build_errors import BuildError
 from builder.config import BuildConfig
 from builder.corpus import count_targets
+from builder.key_shards import SHARD_FORMAT
 from builder.layout import (
     BUILD_REQUEST,
+    KEY_SHARDS_DIR,
     MANIFEST,
-    SHARDS_DIR,
     UNITS_DIR,
     unit_record_path,
 )
 from builder.lease import Lease
 from builder.manifest import Manifest, package_versions
 from builder.modelinfo import ModelInfo
-from builder.shards import SHARD_FORMAT
 from builder.storage import Storage
 from builder.unit import Unit
 
@@ -80,7 +80,7 @@ def commit_manifest(storage: Storage, lease: Lease, manifest: Manifest) -> None:
     storage.write_text(MANIFEST, manifest.to_json())
     # the manifest is the truth now: drop progress records and shards no manifest lists
     listed = {s["path"] for s in manifest.shards}
-    for p in storage.list(SHARDS_DIR):
+    for p in storage.list(KEY_SHARDS_DIR):
         if p not in listed:
             storage.delete(p)
     storage.delete_prefix(UNITS_DIR)

@@ -19,7 +19,7 @@ MANIFEST = "manifest.json"
 
 # ---- the build (builder/build.py) ----
 TOKENS_DIR = "tokens/"
-SHARDS_DIR = "shards/"
+KEY_SHARDS_DIR = "shards/"
 BUILD_DIR = "_build/"
 BUILD_REQUEST = "_build/request.json"        # the identity of an unfinished build
 BUILD_LEASE = "_build/lease.json"
@@ -34,7 +34,7 @@ def tokens_meta_path(file_index: int) -> str:
     return f"tokens/{file_index:06d}.json"
 
 
-def shard_path(unit_id: int, part: int) -> str:
+def key_shard_path(unit_id: int, part: int) -> str:
     return f"shards/{unit_id:07d}-{part:03d}.parquet"
 
 

@@ -1,11 +1,11 @@
-"""Datastore rows: the one reader of the key shards (the format is in builder/shards.py).
+"""Datastore rows: the one reader of the key shards (the format is in builder/key_shards.py).
 
 A row is (key, value, doc, pos); its global id is its shard's `first_id` (manifest) + its row
 index in the shard. Every shard was written in row groups of `row_group_rows` rows (recorded in
 the manifest), its last one shorter, so the layout of all row groups follows from the manifest
 alone (`row_groups`); each footer is checked against it when a group is read.
 
-Two access patterns, one layout and one row-group read (`builder.shards.read_row_group`):
+Two access patterns, one layout and one row-group read (`builder.key_shards.read_row_group`):
 
 - `iter_range`: every row of an id range, in id order, one row group per batch (`knnlm add`,
   the servers' value/key caches). Key shards are read whole and checked against their manifest
@@ -23,8 +23,8 @@ from typing import Iterator
 import numpy as np
 
 from builder.errors import KnnlmError
+from builder.key_shards import COLUMNS, load_shard, open_shard, read_row_group
 from builder.manifest import Manifest, ManifestError
-from builder.shards import COLUMNS, load_shard, open_shard, read_row_group
 from builder.storage import Storage
 
 log = logging.getLogger(__name__)

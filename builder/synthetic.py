@@ -11,9 +11,9 @@ import logging
 
 import numpy as np
 
-from builder.layout import shard_path
+from builder.key_shards import SHARD_FORMAT, encode_shard
+from builder.layout import key_shard_path
 from builder.manifest import Manifest, write_manifest
-from builder.shards import SHARD_FORMAT, encode_shard
 from builder.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def write_synthetic_datastore(uri: str, num_keys: int, dim: int, shard_rows: int
         values = rng.integers(0, vocab, n).astype(np.int32)
         pos = np.arange(first + 1, first + n + 1, dtype=np.int64)
         data, digest = encode_shard(keys, values, np.zeros(n, np.int64), pos, row_group_rows=row_group_rows)
-        path = shard_path(i, 0)                     # the builder's names: unit i, part 0
+        path = key_shard_path(i, 0)                     # the builder's names: unit i, part 0
         storage.write_bytes(path, data)
         return {"path": path, "num_rows": n, "first_id": first, "checksum": digest}
 

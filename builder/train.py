@@ -30,6 +30,7 @@ from builder.index import (
     resolve_backend,
     train_index,
 )
+from builder.key_shards import checksum
 from builder.layout import INDEX_DIR, INDEX_LEASE, INDEX_WORK_DIR, trained_index_path
 from builder.lease import Lease
 from builder.manifest import (
@@ -41,7 +42,6 @@ from builder.manifest import (
 )
 from builder.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
 from builder.sample import sample_checksum, sample_keys
-from builder.shards import checksum
 from builder.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import numpy as np
 from builder.corpus import plan_windows
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
+from builder.key_shards import encode_shard
 from builder.keys import KeyEncoder, WindowJob, compute_keys
-from builder.layout import shard_path, tokens_path, unit_record_path
-from builder.shards import encode_shard
+from builder.layout import key_shard_path, tokens_path, unit_record_path
 from builder.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def run_unit(unit: Unit, storage: Storage, encoder: KeyEncoder, p: UnitParams,
         cols = [np.concatenate([b[i] for b in blocks]) for i in range(4)]
         check_finite(cols[0], cols[2], cols[3], p, dtype)
         data, digest = encode_shard(*cols, row_group_rows=p.row_group_rows)
-        path = shard_path(unit.id, part)
+        path = key_shard_path(unit.id, part)
         storage.write_bytes(path, data)
         return {"path": path, "num_rows": int(len(cols[1])), "checksum": digest, "bytes": len(data)}
 

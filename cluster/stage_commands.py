@@ -9,8 +9,8 @@ import sys
 from builder.add import add_stage, verify_index_files
 from builder.build import build as build_stage
 from builder.config import AddConfig, BuildConfig, InfoConfig, TrainConfig, VerifyConfig
+from builder.key_shards import verify_key_shards
 from builder.manifest import load_manifest
-from builder.shards import verify_shards
 from builder.storage import Storage, write_json_file
 from builder.train import train_on_cluster, train_stage
 from cluster.config import RunConfig
@@ -56,7 +56,7 @@ def info(a: InfoConfig) -> int:
 def verify(a: VerifyConfig) -> int:
     st = Storage.from_uri(a.datastore)
     m = load_manifest(st)  # also checks that ids are contiguous
-    problems = verify_shards(st, m, threads=a.threads)
+    problems = verify_key_shards(st, m, threads=a.threads)
     index_problems = verify_index_files(st, m)
     for p in problems + index_problems:
         print(f"knnlm verify: {st.url(p.split(':', 1)[0])}:{p.split(':', 1)[1]}", file=sys.stderr)

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_tiny_model, write_text
 
 from builder.config import BuildConfig, ConfigError
 from builder.keys import KeyLayerError, find_key_module
 from cluster.cli import main
-from conftest import make_tiny_model, write_text
 
 W, C = "16", "8"
 GOOD = [

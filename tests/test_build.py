@@ -9,17 +9,17 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import write_text
+from test_keys import reference_keys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.build import BuildError, build
 from builder.config import BuildConfig
+from builder.key_shards import checksum, read_shard
 from builder.layout import BUILD_LEASE
 from builder.lease import Lease
 from builder.manifest import load_manifest
-from builder.shards import checksum, read_shard
 from builder.storage import Storage
-from conftest import write_text
-from test_keys import reference_keys
 
 W, C = 16, 6  # window / min_context of these tests: documents span several windows
 

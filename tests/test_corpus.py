@@ -9,12 +9,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from builder.corpus import (STREAM_RECORD_SEPARATOR, InputError, count_targets, detect_format, plan_windows,
-                            read_records, split_wikitext, tokenize_file)
-from builder.unit import Segment, Unit, plan_units
 from conftest import make_tokenizer, write_text
 
+from builder.corpus import (
+    STREAM_RECORD_SEPARATOR,
+    InputError,
+    count_targets,
+    detect_format,
+    plan_windows,
+    read_records,
+    split_wikitext,
+    tokenize_file,
+)
+from builder.unit import Segment, Unit, plan_units
 
 # ---------------------------------------------------------------------------------------------
 # plan_windows

@@ -12,15 +12,21 @@ import pytest
 
 from builder.add import add_stage, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
-from builder.index import (add_batches, check_factory, check_train_size, fastscan_factory, ivf_contents,
-                           resolve_backend)
+from builder.index import (
+    add_batches,
+    check_factory,
+    check_train_size,
+    fastscan_factory,
+    ivf_contents,
+    resolve_backend,
+)
+from builder.key_shards import ShardError, checksum, read_shard
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.rows import RowGroups, iter_key_range, row_groups
 from builder.sample import plan_sample, sample_keys
-from builder.shards import ShardError, checksum, read_shard
+from builder.storage import Storage
 from builder.synthetic import write_synthetic_datastore
 from builder.train import IndexBuildError, load_trained_index, train_stage
-from builder.storage import Storage
 
 DIM = 32
 FACTORY_PQ = "IVF16,PQ4"     # dsub 8: faiss's PQ training is slow on tiny sub-vectors

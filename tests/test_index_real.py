@@ -9,10 +9,10 @@ import pytest
 from builder.add import add_stage, load_merged_index
 from builder.build import build
 from builder.config import AddConfig, BuildConfig, TrainConfig
+from builder.key_shards import read_shard
 from builder.manifest import load_manifest
-from builder.shards import read_shard
-from builder.train import train_stage
 from builder.storage import Storage
+from builder.train import train_stage
 
 REPORT = os.path.join(os.environ.get("TMPDIR", "/tmp"), "knnlm-index-real-text.json")
 

@@ -263,13 +263,13 @@ def test_submit_follows_and_builds_the_datastore(done_job, ray_head):
     assert job_id == pipeline_key(load_for_submit(path))
     assert f"as job {job_id}" in err and "SUCCEEDED" in err
     assert "[1/3] build" in out and "[3/3] add" in out and "pipeline done" in out     # the followed log
+    from builder.key_shards import verify_key_shards
     from builder.manifest import load_manifest
-    from builder.shards import verify_shards
     from builder.storage import Storage
     st = Storage.from_uri(os.path.join(os.path.dirname(path), "ds"))
     m = load_manifest(st)
     assert m.num_keys > 100 and len(m.index_shards) == 2 and m.index["factory"] == "IVF4,Flat"
-    assert not verify_shards(st, m)
+    assert not verify_key_shards(st, m)
     assert m.pipeline["datastore"] == os.path.join(os.path.dirname(path), "ds")
 
 

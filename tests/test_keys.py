@@ -198,8 +198,8 @@ def test_cuda_keys_match_cpu(tiny_models, dtype):
 
 
 def test_run_unit_writes_shards_and_reports_progress(gpt2_model, tmp_path):
+    from builder.key_shards import checksum, read_shard
     from builder.layout import tokens_path, unit_record_path
-    from builder.shards import checksum, read_shard
     from builder.storage import Storage
     from builder.unit import run_unit
     st = Storage.from_uri(str(tmp_path))

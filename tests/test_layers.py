@@ -157,3 +157,13 @@ def test_the_checker_sees_modules_loaded_by_name(tmp_path):
              "cluster/d.py": "from cluster import c\n"}
     assert check_layers(_tree(tmp_path / "cycle", files)) == [
         "import cycle: cluster/c.py -> cluster/d.py -> cluster/c.py"]
+
+
+MAX_LINES = 450
+
+
+def test_no_module_is_over_450_lines():
+    """Files by concern: no .py file of the three packages over 450 lines, every line counted."""
+    long = {str(p.relative_to(REPO)): n for pkg in LAYERS for p in sorted((REPO / pkg).rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}, f"split these by concern: {long}"

@@ -1,8 +1,9 @@
 """Model identity: a moved model is the same model, changed weights are not."""
 import shutil
 
-from builder.modelinfo import config_max_positions, inspect_model
 from conftest import make_tiny_model
+
+from builder.modelinfo import config_max_positions, inspect_model
 
 
 def test_weight_hash_follows_the_weights_not_the_path(tmp_path):

@@ -7,15 +7,23 @@ import numpy as np
 import pytest
 
 from builder.add import add_stage
-from builder.rows import iter_range
 from builder.config import AddConfig, TrainConfig
 from builder.index import add_batches
 from builder.manifest import load_manifest
+from builder.rows import iter_range
+from builder.storage import Storage
 from builder.synthetic import write_synthetic_datastore
 from builder.train import load_trained_index, train_stage
-from builder.storage import Storage
-from retriever import (RequestError, Retriever, RetrieverError, find_servers, merge_topk, server_status,
-                       start_servers, stop_servers)
+from retriever import (
+    RequestError,
+    Retriever,
+    RetrieverError,
+    find_servers,
+    merge_topk,
+    server_status,
+    start_servers,
+    stop_servers,
+)
 
 DIM, N = 32, 12000
 

@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from builder.key_shards import COLUMNS, ShardError, decode_keys
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.rows import RowIdError, iter_key_range, iter_range, read_rows, row_groups
 from builder.sample import sample_checksum, sample_keys
-from builder.shards import COLUMNS, ShardError, decode_keys
 from builder.storage import Storage
 from builder.synthetic import write_synthetic_datastore
 

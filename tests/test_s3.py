@@ -4,10 +4,10 @@ import logging
 import boto3
 import numpy as np
 import pytest
+from test_build import document_corpus, read_datastore, small_cfg
 
 from builder.build import BuildError, build
 from builder.storage import Storage, expand_inputs
-from test_build import document_corpus, read_datastore, small_cfg
 
 pytestmark = pytest.mark.s3
 

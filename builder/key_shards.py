@@ -89,7 +89,7 @@ def read_shard(data: bytes, dim: int, columns: tuple[str, ...] = COLUMNS) -> dic
     return out
 
 
-def verify_shards(storage, manifest, threads: int = 8) -> list[str]:
+def verify_key_shards(storage, manifest, threads: int = 8) -> list[str]:
     """Problems with a datastore's shards (missing, checksum, row count, key width); [] if none.
 
     Reads every shard, `threads` at a time."""

@@ -43,12 +43,7 @@ from builder.layout import (
 from builder.lease import Lease
 from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
 from builder.rows import iter_key_range
-from builder.runtime import (
-    cluster_resources,
-    max_node_cpus,
-    ray_session,
-    unwrap_task_error,
-)
+from builder.runtime import cluster_resources, max_node_cpus, ray_session, unwrap_task_error
 from builder.storage import NotFound, Storage, StorageError
 from builder.train import IndexBuildError, load_trained_index
 

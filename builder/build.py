@@ -29,21 +29,10 @@ from builder.build_manifest import assemble_manifest, commit_manifest, read_unit
 from builder.build_tokens import tokenize_corpus
 from builder.config import BuildConfig
 from builder.corpus import count_targets, detect_format
-from builder.layout import (
-    BUILD_REQUEST,
-    MANIFEST,
-    TOKENS_DIR,
-    UNITS_DIR,
-    unit_record_id,
-)
+from builder.layout import BUILD_REQUEST, MANIFEST, TOKENS_DIR, UNITS_DIR, unit_record_id
 from builder.lease import Lease
 from builder.manifest import Manifest, compare_identity, load_manifest
-from builder.modelinfo import (
-    ModelInfo,
-    config_max_positions,
-    inspect_model,
-    resolve_model_dir,
-)
+from builder.modelinfo import ModelInfo, config_max_positions, inspect_model, resolve_model_dir
 from builder.runtime import cluster_resources, max_node_cpus, ray_session
 from builder.storage import NotFound, Storage, expand_inputs
 from builder.unit import Unit, plan_units

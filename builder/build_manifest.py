@@ -13,13 +13,7 @@ from builder.build_errors import BuildError
 from builder.config import BuildConfig
 from builder.corpus import count_targets
 from builder.key_shards import SHARD_FORMAT
-from builder.layout import (
-    BUILD_REQUEST,
-    KEY_SHARDS_DIR,
-    MANIFEST,
-    UNITS_DIR,
-    unit_record_path,
-)
+from builder.layout import BUILD_REQUEST, KEY_SHARDS_DIR, MANIFEST, UNITS_DIR, unit_record_path
 from builder.lease import Lease
 from builder.manifest import Manifest, package_versions
 from builder.modelinfo import ModelInfo

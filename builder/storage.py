@@ -33,13 +33,7 @@ from builder.storage_base import (
     split_s3,
 )
 from builder.storage_local import LocalStorage
-from builder.storage_s3 import (
-    S3Storage,
-    _s3_code,
-    list_s3_objects,
-    s3_client,
-    with_retries,
-)
+from builder.storage_s3 import S3Storage, _s3_code, list_s3_objects, s3_client, with_retries
 
 __all__ = ["DuplicateInput", "InputError", "InputNotFound", "LocalStorage", "NotFound", "RangeReader", "S3Storage",
            "Storage", "StorageError", "expand_inputs", "is_s3", "list_s3_objects", "local_path", "normalize_uri",

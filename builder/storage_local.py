@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import shutil
 import uuid
 
 from builder.layout import probe_path
@@ -35,36 +36,34 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise NotFound(f"{self.url(rel)} does not exist") from None
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def _write_aside(self, rel: str, fill) -> None:
+        """fill(tmp) writes the new file aside, then it is renamed into place: atomic, readers see the
+        old file or the whole new one. Its folder is made as needed."""
         path = self._p(rel)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            fill(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-        except OSError as e:
-            raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+        self._write_aside(rel, fill)
 
     def download_file(self, rel: str, path: str) -> None:
-        import shutil
         try:
             shutil.copyfile(self._p(rel), path)
         except FileNotFoundError:
             raise NotFound(f"{self.url(rel)} does not exist") from None
 
     def upload_file(self, rel: str, path: str) -> None:
-        import shutil
-        dst = self._p(rel)
-        try:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dst)
-        except OSError as e:
-            raise StorageError(f"cannot write {dst}: {e.strerror or e}") from e
+        self._write_aside(rel, lambda tmp: shutil.copyfile(path, tmp))
 
     def exists(self, rel: str) -> bool:
         return os.path.exists(self._p(rel))

@@ -53,11 +53,7 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
 
     botocore already retries inside one call; this covers errors that escape it (e.g. a
     connection reset while streaming a body)."""
-    from botocore.exceptions import (
-        ClientError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
+    from botocore.exceptions import ClientError, ReadTimeoutError, ResponseStreamingError
     from botocore.exceptions import ConnectionError as BotoConnError
 
     transient_codes = {"SlowDown", "Throttling", "RequestTimeout", "InternalError",

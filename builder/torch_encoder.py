@@ -15,13 +15,7 @@ import numpy as np
 import torch
 
 from builder.kmeans import exact_fp32, nearest
-from builder.torch_ivf import (
-    TorchTransform,
-    coarse_quantizer,
-    flat_centroids,
-    transformed_batches,
-    unwrap,
-)
+from builder.torch_ivf import TorchTransform, coarse_quantizer, flat_centroids, transformed_batches, unwrap
 
 
 def _pack_codes(codes: np.ndarray, nbits: int) -> np.ndarray:

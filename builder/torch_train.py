@@ -24,13 +24,7 @@ import numpy as np
 import torch
 
 from builder.kmeans import exact_fp32, lloyd, nearest, subsample
-from builder.torch_ivf import (
-    TorchTransform,
-    coarse_quantizer,
-    flat_centroids,
-    transformed_batches,
-    unwrap,
-)
+from builder.torch_ivf import TorchTransform, coarse_quantizer, flat_centroids, transformed_batches, unwrap
 
 logger = logging.getLogger(__name__)
 

@@ -33,13 +33,7 @@ from builder.index import (
 from builder.key_shards import checksum
 from builder.layout import INDEX_DIR, INDEX_LEASE, INDEX_WORK_DIR, trained_index_path
 from builder.lease import Lease
-from builder.manifest import (
-    Manifest,
-    ManifestError,
-    load_manifest,
-    package_versions,
-    write_manifest,
-)
+from builder.manifest import Manifest, ManifestError, load_manifest, package_versions, write_manifest
 from builder.runtime import ClusterError, cluster_resources, max_node_cpus, ray_session
 from builder.sample import sample_checksum, sample_keys
 from builder.storage import NotFound, Storage

@@ -19,14 +19,7 @@ from builder.errors import KnnlmError
 from builder.options import add_options, from_args
 from cluster.config import DemoConfig, LogsConfig, RunConfig, StatusConfig, SubmitConfig
 from cluster.pipeline_spec import pipeline_reference
-from retriever.config import (
-    EvalConfig,
-    GenerateConfig,
-    NeighboursConfig,
-    QueryConfig,
-    ServeConfig,
-    TuneConfig,
-)
+from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
 
 log = logging.getLogger("knnlm")
 

@@ -33,14 +33,7 @@ from builder.corpus import _decode
 from builder.manifest import load_manifest
 from builder.modelinfo import inspect_model
 from builder.runtime import ray_session
-from builder.storage import (
-    Storage,
-    StorageError,
-    expand_inputs,
-    read_uri,
-    write_json_file,
-    write_local_text,
-)
+from builder.storage import Storage, StorageError, expand_inputs, read_uri, write_json_file, write_local_text
 from cluster.config import DemoConfig
 from cluster.pipeline import run_pipeline
 from cluster.pipeline_file import load_pipeline, model_path, resolve_pipeline
@@ -154,14 +147,7 @@ class ModelSpec:
 
 def train_tokenizer(text: str, vocab_size: int, path: str):
     """Byte-level BPE (GPT-2 style) trained on `text`, saved as a HF fast tokenizer at `path`."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

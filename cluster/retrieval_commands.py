@@ -12,24 +12,11 @@ from builder.config import ConfigError
 from builder.manifest import load_manifest
 from builder.runtime import connect_ray, ray_session
 from builder.storage import Storage
-from retriever.config import (
-    EvalConfig,
-    GenerateConfig,
-    NeighboursConfig,
-    QueryConfig,
-    ServeConfig,
-    TuneConfig,
-)
+from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
 from retriever.evaluate import check_model, evaluate, knnlm_settings, write_json
 from retriever.generate import generate as generate_text
 from retriever.provenance import neighbours as find_neighbours
-from retriever.router import (
-    Retriever,
-    server_status,
-    serving,
-    start_servers,
-    stop_servers,
-)
+from retriever.router import Retriever, server_status, serving, start_servers, stop_servers
 from retriever.tune import tune_caches
 
 

@@ -33,14 +33,7 @@ from builder.modelinfo import ModelError, inspect_model
 from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
 from retriever.config import EvalConfig
-from retriever.knnlm import (
-    PAPER_K,
-    PAPER_LAMBDA,
-    PAPER_TEMPERATURE,
-    interpolate,
-    knn_log_probs,
-    perplexity,
-)
+from retriever.knnlm import PAPER_K, PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs, perplexity
 from retriever.router import Retriever, RetrieverError, serving
 from retriever.server import RequestError
 from retriever.tune import write_chunk

@@ -26,13 +26,7 @@ from builder.manifest import load_manifest, require_index_shards
 from builder.runtime import cluster_resources, connect_ray, max_node_cpus, ray_session
 from builder.storage import Storage
 from retriever.merge import merge_topk
-from retriever.server import (
-    IndexServerImpl,
-    RequestError,
-    ServerError,
-    check_request,
-    datastore_key,
-)
+from retriever.server import IndexServerImpl, RequestError, ServerError, check_request, datastore_key
 
 log = logging.getLogger(__name__)
 NAMESPACE = "knnlm"

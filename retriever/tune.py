@@ -29,13 +29,7 @@ from builder.layout import NEIGHBOUR_CACHE_META, neighbour_chunk_path
 from builder.manifest import load_manifest, write_manifest
 from builder.storage import NotFound, Storage, write_json_file
 from retriever.config import TuneConfig
-from retriever.knnlm import (
-    PAPER_LAMBDA,
-    PAPER_TEMPERATURE,
-    interpolate,
-    knn_log_probs,
-    perplexity,
-)
+from retriever.knnlm import PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs, perplexity
 
 log = logging.getLogger(__name__)
 

@@ -76,14 +76,7 @@ TRAIN_TEXT = [
 def make_tokenizer(path: str, bos: bool = False, vocab_size: int = 400):
     """Byte-level BPE trained on a fixed text (deterministic), saved as a HF fast tokenizer.
     With bos=True it adds <s> in front of every text, like a Llama tokenizer."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -106,12 +99,7 @@ def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, se
                     bos: bool | None = None) -> str:
     """A tiny random causal LM of the given family saved at `path` with its tokenizer."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        GPT2Config,
-        GPTNeoXConfig,
-        LlamaConfig,
-    )
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if bos is None:
         bos = family == "llama"

@@ -12,14 +12,7 @@ import pytest
 
 from builder.add import add_stage, load_merged_index, plan_ranges
 from builder.config import AddConfig, ConfigError, TrainConfig
-from builder.index import (
-    add_batches,
-    check_factory,
-    check_train_size,
-    fastscan_factory,
-    ivf_contents,
-    resolve_backend,
-)
+from builder.index import add_batches, check_factory, check_train_size, fastscan_factory, ivf_contents, resolve_backend
 from builder.key_shards import ShardError, checksum, read_shard
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.rows import RowGroups, iter_key_range, row_groups

@@ -4,15 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from builder.keys import (
-    KeyEncoder,
-    KeyLayerError,
-    WindowJob,
-    compute_keys,
-    find_key_module,
-    forward,
-    load_encoder,
-)
+from builder.keys import KeyEncoder, KeyLayerError, WindowJob, compute_keys, find_key_module, forward, load_encoder
 from builder.unit import Segment, Unit, UnitParams, compute_unit, unit_token_range
 
 # the last block's feed-forward, written out per family (independent of find_key_module)

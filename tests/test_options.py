@@ -11,24 +11,9 @@ from dataclasses import MISSING, dataclass
 import pytest
 from conftest import REPO
 
-from builder.options import (
-    add_options,
-    default_of,
-    file_keys,
-    flag_name,
-    flags,
-    from_args,
-    opt,
-    options,
-)
+from builder.options import add_options, default_of, file_keys, flag_name, flags, from_args, opt, options
 from cluster.cli import COMMANDS, make_parser, subcommands
-from cluster.pipeline_spec import (
-    SECTIONS,
-    STAGES,
-    as_keys,
-    pipeline_reference,
-    yaml_keys,
-)
+from cluster.pipeline_spec import SECTIONS, STAGES, as_keys, pipeline_reference, yaml_keys
 
 
 def _action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action:

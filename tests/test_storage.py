@@ -7,14 +7,7 @@ from conftest import write_text
 
 from builder.layout import BUILD_LEASE
 from builder.lease import Lease, LeaseError
-from builder.storage import (
-    NotFound,
-    Storage,
-    StorageError,
-    expand_inputs,
-    normalize_uri,
-    split_s3,
-)
+from builder.storage import NotFound, Storage, StorageError, expand_inputs, normalize_uri, split_s3
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])

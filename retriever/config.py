@@ -53,6 +53,11 @@ class EvalConfig:
     rerank: bool = opt(False, choices=("exact",), from_cli=lambda v: v == "exact",
                        help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
     mode: str | None = opt(None, choices=MODES, file=False, help="", default_text="the manifest's")
+    window: int | None = opt(None, help="tokens per evaluation window (the paper: 3072)",
+                             default_text="the manifest's: the build's windows")
+    min_context: int | None = opt(None, help="tokens of context each window re-reads from the previous one; "
+                                             "window - min_context new tokens are scored per window (the paper: "
+                                             "2560, i.e. 512 new tokens)", default_text="the manifest's")
     format: str = opt("auto", choices=FORMATS, help="the evaluation text's format, as build's --format")
     text_field: str = opt("text", file=False, help="JSONL field / Parquet column holding the text")
     address: str | None = opt(None, file=False, help=SERVERS_ADDRESS,
@@ -76,9 +81,12 @@ class EvalConfig:
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"--temperature must be positive (got {self.temperature})")
         for flag, v in (("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
-                        ("--workers", self.workers)):
-            if v is not None and (not isinstance(v, int) or v < 1):
+                        ("--workers", self.workers), ("--window", self.window), ("--min-context", self.min_context)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+        if self.window is not None and self.min_context is not None and self.min_context >= self.window:
+            raise ConfigError(f"--min-context {self.min_context} must be smaller than --window {self.window} "
+                              "(each window scores window - min_context new tokens)")
 
 
 @dataclass

@@ -1,11 +1,15 @@
 """`knnlm eval`: base LM and kNN-LM perplexity of evaluation text, on Ray evaluation workers.
 
 The queries are made exactly as the datastore's keys were: the same tokenizer, the same
-windows (`builder.corpus.plan_windows` with the manifest's window and min_context), the same
 key module, hook and batched forward (`builder.keys.forward`, one full pass per window that
-also gives the LM's log-probabilities), rounded to float16 as keys are stored. Every token that
-would get a key is scored: in `document` mode every token after the first of each document; in
-`stream` mode every token after the first of each file.
+also gives the LM's log-probabilities), rounded to float16 as keys are stored. The windows are
+`builder.corpus.plan_windows`'s with the manifest's window and min_context unless `--window` /
+`--min-context` ask for another protocol: the paper builds with 3072/1536 but evaluates 3072-token
+windows that score 512 new tokens each (`--window 3072 --min-context 2560`). Every token that
+would get a key is scored: in `document` mode every token after the first of each document (the
+first has no context: no query); in `stream` mode every token after the first of each file. The
+result records the protocol (window, min_context, mode, scored tokens, sequences whose first token
+is not scored, approximate or exact distances, index factory, nprobe).
 
 Work is cut into chunks of whole windows, independent of the number of workers; each worker
 (a Ray actor holding the LM and a `Retriever`) returns the per-token log-probabilities of its
@@ -153,6 +157,27 @@ class EvalWorkerImpl:
 
 
 @dataclass
+class Protocol:
+    """What a perplexity was computed on and how: recorded beside every number (eval JSON, the
+    neighbour cache's cache.json, tune's output)."""
+    window: int
+    min_context: int
+    mode: str
+    tokens: int                  # scored
+    sequences: int               # documents (document mode) or files (stream) whose first token is not scored
+    distances: str               # "approximate" (the index's) or "exact" (re-ranked)
+    index_factory: str
+    nprobe: int
+
+    def to_json(self) -> dict:
+        return dict(vars(self))
+
+
+def distances_name(rerank: bool) -> str:
+    return "exact" if rerank else "approximate"
+
+
+@dataclass
 class EvalResult:
     tokens: int
     base_ppl: float
@@ -164,22 +189,40 @@ class EvalResult:
     rerank: bool
     seconds: float
     split: dict
+    protocol: Protocol
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "base_ppl": self.base_ppl, "knnlm_ppl": self.knnlm_ppl,
                 "relative_change": self.knnlm_ppl / self.base_ppl - 1, "lambda": self.lam,
                 "temperature": self.temperature, "k": self.k, "nprobe": self.nprobe, "rerank": self.rerank,
+                **self.protocol.to_json(),
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else None, "seconds": self.seconds,
                 "seconds_split": self.split}
 
     def table(self) -> str:
         j = self.to_json()
+        p = self.protocol
         rows = [("tokens", f"{self.tokens:,}"), ("base ppl", f"{self.base_ppl:.3f}"),
                 ("kNN-LM ppl", f"{self.knnlm_ppl:.3f}"), ("relative change", f"{100 * j['relative_change']:+.2f}%"),
                 ("lambda", f"{self.lam:g}"), ("temperature", f"{self.temperature:g}"), ("k", f"{self.k}"),
-                ("nprobe", f"{self.nprobe}"), ("rerank", "exact" if self.rerank else "no"),
+                ("nprobe", f"{self.nprobe}"), ("distances", p.distances), ("index", p.index_factory),
+                ("window", f"{p.window} ({p.min_context} context)"), ("mode", p.mode),
                 ("tokens/s", f"{j['tokens_per_s']:,.0f}")]
         return "\n".join(f"{a:<16} {b:>12}" for a, b in rows)
+
+
+def eval_windows(cfg: EvalConfig, m) -> tuple[int, int]:
+    """(window, min_context) of the evaluation: as asked, else the manifest's; refused when the model
+    cannot take the window."""
+    window, min_context = cfg.window or m.window, cfg.min_context or m.min_context
+    if cfg.window and not cfg.min_context and min_context >= window:
+        min_context = window // 2
+    if not 1 <= min_context < window:
+        raise EvalError(f"--min-context {min_context} must be smaller than --window {window}")
+    max_pos = (m.model or {}).get("max_positions")
+    if max_pos and window > max_pos:
+        raise EvalError(f"--window {window}: the model ({m.model.get('name')}) takes at most {max_pos} positions")
+    return window, min_context
 
 
 def check_model(model: str | None, m) -> "object":
@@ -219,6 +262,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise EvalError(f"--mode {mode}: the datastore's keys were built in {m.mode} mode (contexts "
                         f"{'cross' if m.mode == 'stream' else 'do not cross'} documents); evaluate in the same mode")
     lam, temperature, k = knnlm_settings(m, cfg.lam, cfg.temperature, cfg.k)
+    window, min_context = eval_windows(cfg, m)
     model = cfg.model or m.model.get("path") or m.model["name"]
     with ray_session(cfg.address):
         cpus, gpus = cluster_resources()
@@ -232,7 +276,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 for _ in range(workers)]
         try:
             info = check_model(model, m)
-            chunks, inputs = _plan(cfg, m, mode, info.path)
+            chunks, inputs, sequences = _plan(cfg, m, mode, info.path, window, min_context)
             pool = pool[:len(chunks)]
             with serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir):
                 results = _run_chunks(pool, chunks, k, cfg, lam, temperature)
@@ -244,18 +288,22 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     mix = np.concatenate([results[i]["knnlm"] for i in order])
     split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
     n = int(lm.size)
+    protocol = Protocol(window, min_context, mode, n, sequences, distances_name(cfg.rerank), m.index["factory"],
+                        cfg.nprobe)
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
-                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split)
+                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol)
     if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
         Storage.from_uri(cfg.save_neighbours).write_text(NEIGHBOUR_CACHE_META, json.dumps(
-            {"metric": m.index["metric"], "k": k, "nprobe": cfg.nprobe, "rerank": cfg.rerank, "datastore": st.uri,
-             "corpus": inputs, "tokens": n, "chunks": len(chunks)}))
+            {"metric": m.index["metric"], "k": k, "rerank": cfg.rerank, "datastore": st.uri,
+             "corpus": inputs, "chunks": len(chunks), **protocol.to_json()}))
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
 
 
-def _plan(cfg: EvalConfig, m, mode: str, model_path: str) -> tuple[list[Chunk], list[str]]:
-    """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text."""
+def _plan(cfg: EvalConfig, m, mode: str, model_path: str, window: int, min_context: int
+          ) -> tuple[list[Chunk], list[str], int]:
+    """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text.
+    (chunks, inputs, sequences scored: each one's first token is not)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -275,11 +323,11 @@ def _plan(cfg: EvalConfig, m, mode: str, model_path: str) -> tuple[list[Chunk], 
         for n in tf.seq_lengths:
             sequences.append(tf.tokens[off:off + n])
             off += n
-    chunks = plan_chunks(sequences, m.window, m.min_context, cfg.chunk_targets)
+    chunks = plan_chunks(sequences, window, min_context, cfg.chunk_targets)
     if not chunks:
         raise EvalError(f"--corpus {', '.join(cfg.corpus)}: no token to score (empty text, or documents shorter "
                         "than 2 tokens)")
-    return chunks, inputs
+    return chunks, inputs, sum(1 for s in sequences if len(s) >= 2)
 
 
 def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float

@@ -9,8 +9,10 @@ A cache is a folder (local or s3://) of Parquet files, one per evaluation chunk,
 | dist     | fixed_size_list<float32>[k] | distances of the k neighbours, best first (squared L2 / inner product, as FAISS returns them; +inf / -inf where missing) |
 | values   | fixed_size_list<int32>[k]   | their values (token ids; -1 where missing) |
 
-plus `cache.json`: {metric, k, nprobe, rerank, datastore, tokens, chunks}. Everything `knnlm tune`
-needs: it searches λ, T and k (a prefix of the k neighbours) without the LM or the index.
+plus `cache.json`: {metric, k, rerank, datastore, corpus, chunks} and the evaluation's protocol
+(`retriever.evaluate.Protocol`: window, min_context, mode, tokens, sequences, distances,
+index_factory, nprobe). Everything `knnlm tune` needs: it searches λ, T and k (a prefix of the k
+neighbours) without the LM or the index; its output records each cache's protocol under `caches`.
 """
 from __future__ import annotations
 
@@ -104,12 +106,24 @@ def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> d
                     best = table[-1]
     out = {"lambda": best["lambda"], "temperature": best["temperature"], "k": best["k"],
            "valid_ppl": best["valid_ppl"], "valid_base_ppl": perplexity(float(valid.lm.sum()), len(valid.lm)),
-           "valid_tokens": int(len(valid.lm)), "grid": grid, "table": table}
+           "valid_tokens": int(len(valid.lm)), "caches": {"valid": protocol(valid)}, "grid": grid, "table": table}
     if test is not None:
         out.update(test_ppl=ppl(test, best["lambda"], best["temperature"], best["k"]),
                    test_base_ppl=perplexity(float(test.lm.sum()), len(test.lm)), test_tokens=int(len(test.lm)),
                    test_paper_ppl=ppl(test, PAPER_LAMBDA, PAPER_TEMPERATURE, test.meta["k"]))
+        out["caches"]["test"] = protocol(test)
     return out
+
+
+PROTOCOL_KEYS = ("window", "min_context", "mode", "tokens", "sequences", "distances", "index_factory", "nprobe")
+
+
+def protocol(c: Cache) -> dict:
+    """The evaluation protocol a cache was made with (see retriever.evaluate.Protocol); a cache written
+    before the protocol was recorded gives what it has (distances from its `rerank`)."""
+    meta = dict(c.meta)
+    meta.setdefault("distances", "exact" if meta.get("rerank") else "approximate")
+    return {k: meta.get(k) for k in PROTOCOL_KEYS} | {"datastore": meta.get("datastore")}
 
 
 def tune_caches(cfg: TuneConfig) -> dict:

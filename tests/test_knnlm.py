@@ -95,8 +95,11 @@ def ds(tmp_path_factory, gpt2_model, ray_cluster):
     return root, out, evalf
 
 
-def brute_force(out: str, model_path: str, texts: list[str], lam: float, temperature: float, k: int):
-    """kNN-LM perplexity from scratch: plain forwards with a hook, exact float64 distances to every key."""
+def brute_force(out: str, model_path: str, texts: list[str], lam: float, temperature: float, k: int,
+                window: int = W, min_context: int = C):
+    """kNN-LM perplexity from scratch: plain forwards with a hook, exact float64 distances to every key;
+    each target scored in the first window (of `window` tokens, stride window - min_context) holding
+    it at a position other than its first."""
     st = Storage.from_uri(out)
     m = load_manifest(st)
     parts = list(iter_range(st, m, 0, m.num_keys, ("key", "value")))
@@ -108,12 +111,12 @@ def brute_force(out: str, model_path: str, texts: list[str], lam: float, tempera
     n = 0
     for text in texts:
         ids = tok(text)["input_ids"]
-        q = reference_keys(model, "gpt2", "ffn_input", ids, W, C).astype(np.float16).astype(np.float64)
+        q = reference_keys(model, "gpt2", "ffn_input", ids, window, min_context).astype(np.float16).astype(np.float64)
         with torch.no_grad():
-            stride = W - C
+            stride = window - min_context
             for t in range(1, len(ids)):
-                s = max(0, -(-(t - W + 1) // stride)) * stride
-                logits = model(torch.tensor(ids[s:min(s + W, len(ids))])[None]).logits[0, t - 1 - s]
+                s = max(0, -(-(t - window + 1) // stride)) * stride
+                logits = model(torch.tensor(ids[s:min(s + window, len(ids))])[None]).logits[0, t - 1 - s]
                 lp = float(torch.log_softmax(logits.double(), -1)[ids[t]])
                 d = ((keys - q[t - 1]) ** 2).sum(1)
                 top = np.argsort(d, kind="stable")[:k]
@@ -139,6 +142,52 @@ def test_eval_equals_brute_force_and_lambda_zero_equals_base(ds, gpt2_model, tmp
     j = res.to_json()
     for key in ("tokens", "base_ppl", "knnlm_ppl", "lambda", "temperature", "k", "nprobe"):
         assert key in j
+    assert {key: j[key] for key in PROTOCOL} == {"window": W, "min_context": C, "mode": "document", "tokens": n,
+                                                  "distances": "approximate", "index_factory": "IVF4,Flat",
+                                                  "nprobe": 4}
+    assert j["sequences"] == len(EVAL)                                # each document's first token: no query
+
+
+PROTOCOL = ("window", "min_context", "mode", "tokens", "distances", "index_factory", "nprobe")
+LONG_EVAL = ["The quick brown fox jumps over the lazy dog, and the river flooded the valley in 1998. " * 14,
+             "A language model with nearest neighbours from a datastore moved 3,000 people to the hills. " * 14]
+
+
+def test_eval_window_and_min_context_set_the_protocol(tmp_path, ray_cluster, capsys):
+    """`knnlm eval --window 128 --min-context 96` on a datastore built with windows of 48/16 scores with
+    the asked windows (equal to a brute force with them), and its JSON says so."""
+    from conftest import make_tiny_model
+
+    from cluster.cli import main
+    model = make_tiny_model(str(tmp_path / "model"), max_positions=160)
+    corpus = [write_text(tmp_path / "corpus" / f"{i}.txt", t) for i, t in enumerate(TRAIN)]
+    out = str(tmp_path / "ds")
+    build(BuildConfig(corpus=corpus, model=model, out=out, window=48, min_context=16, progress=False))
+    train_stage(TrainConfig(datastore=out, index_factory="IVF2,Flat", train_size=10**6, trainer="faiss",
+                            min_points_per_centroid=1))
+    add_stage(AddConfig(datastore=out, index_shards=1, encoder="faiss"))
+    evalf = write_text(tmp_path / "eval.jsonl", "\n".join(json.dumps({"text": t}) for t in LONG_EVAL) + "\n")
+    tok = AutoTokenizer.from_pretrained(model)
+    assert min(len(tok(t)["input_ids"]) for t in LONG_EVAL) > 2 * 128    # several windows of 128 per document
+    common = ["--corpus", evalf, "--k", "8", "--nprobe", "2", "--lambda", "0.3", "--temperature", "3",
+              "--cache-dir", str(tmp_path / "srv")]
+    assert main(["eval", out, *common, "--window", "128", "--min-context", "96", "--out", str(tmp_path / "p.json")]) == 0
+    assert "128 (96 context)" in capsys.readouterr().out
+    j = json.loads((tmp_path / "p.json").read_text())
+    n, base, knnlm = brute_force(out, model, LONG_EVAL, 0.3, 3.0, 8, window=128, min_context=96)
+    assert {key: j[key] for key in PROTOCOL} == {"window": 128, "min_context": 96, "mode": "document", "tokens": n,
+                                                  "distances": "approximate", "index_factory": "IVF2,Flat",
+                                                  "nprobe": 2}
+    assert j["base_ppl"] == pytest.approx(base, rel=1e-5) and j["knnlm_ppl"] == pytest.approx(knnlm, rel=1e-4)
+    assert main(["eval", out, *common, "--out", str(tmp_path / "d.json")]) == 0       # default: the build's windows
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert (d["window"], d["min_context"], d["tokens"]) == (48, 16, n)
+    assert d["base_ppl"] != pytest.approx(j["base_ppl"], rel=1e-4)                     # more context, other numbers
+    capsys.readouterr()
+    assert main(["eval", out, *common, "--window", "200"]) == 2                        # beyond the model's positions
+    assert "--window 200: the model" in capsys.readouterr().err
+    assert main(["eval", out, *common, "--window", "64", "--min-context", "64"]) == 2
+    assert "--min-context 64 must be smaller than --window 64" in capsys.readouterr().err
 
 
 def test_one_and_two_workers_agree(ds, tmp_path):
@@ -191,9 +240,12 @@ def test_tune_from_cache_equals_eval_with_the_choice(ds, tmp_path, capsys):
                                cache_dir=str(tmp_path / "srv")))
     c = read_cache(cache)
     assert c.meta["tokens"] == base.tokens and c.dist.shape == (base.tokens, 32) and c.meta["metric"] == "l2"
+    assert {key: c.meta[key] for key in PROTOCOL} == {key: base.to_json()[key] for key in PROTOCOL}
     assert ppl(c, base.lam, base.temperature, 32) == pytest.approx(base.knnlm_ppl, rel=1e-12)  # reproduces the eval
     res = tune(c, c)
     assert res["valid_ppl"] <= base.knnlm_ppl and res["valid_ppl"] < res["valid_base_ppl"]
+    for split in ("valid", "test"):                                   # tune's output says what its caches were
+        assert {key: res["caches"][split][key] for key in PROTOCOL} == {key: base.to_json()[key] for key in PROTOCOL}
     again = evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=res["lambda"], temperature=res["temperature"],
                                 k=res["k"], nprobe=4, chunk_targets=10, cache_dir=str(tmp_path / "srv")))
     assert again.knnlm_ppl == pytest.approx(res["valid_ppl"], rel=1e-9)

@@ -56,7 +56,8 @@ def test_every_pipeline_key_is_an_option_with_its_default(section):
               "index": {"factory", "train_size", "metric", "seed", "trainer", "read_factor", "min_points_per_centroid",
                         "shards", "shard_size", "encoder", "device", "workers", "threads", "merge"},
               "tune": {"valid", "test", "format", "k", "nprobe", "record", "plots", "out", "workers"},
-              "eval": {"corpus", "format", "lambda", "temperature", "k", "nprobe", "rerank", "workers", "out"},
+              "eval": {"corpus", "format", "lambda", "temperature", "k", "nprobe", "rerank", "workers", "out", "window",
+                       "min_context"},
               "serve": {"replicas", "rerank", "device"}}
     assert set(keys.values()) == expect[section]
 

@@ -113,6 +113,10 @@ def test_demo_as_the_readme_runs_it(tmp_path, capsys, ray_cluster, monkeypatch):
     r = json.loads((out / "results.json").read_text())
     for key in ("tokens", "base_ppl", "knnlm_ppl", "lambda", "temperature", "k", "nprobe"):   # `knnlm eval --out`'s
         assert key in r
+    built = yaml.safe_load((out / "pipeline.yaml").read_text())                                 # the protocol
+    assert (r["window"], r["min_context"], r["mode"]) == (built["build"]["window"], built["build"]["min_context"],
+                                                          "stream")
+    assert r["distances"] == "approximate" and r["index_factory"] == built["index"]["factory"]
     assert r["tokens"] > 50_000
     assert r["knnlm_ppl"] < 0.9 * r["base_ppl"], r                 # a clear kNN-LM gain on held-out articles
     assert r["valid_knnlm_ppl"] < r["valid_base_ppl"]

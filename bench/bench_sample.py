@@ -34,7 +34,7 @@ The difference (row-groups − uniform) is printed with its noise, 2 × the stan
 difference of two means (sqrt(s_a²/n_a + s_b²/n_b)). The result goes to
 bench/results/sample-cpu-<YYYY-MM-DD>.json with the machine and the load average.
 
-    python bench/bench_sample.py --datastore /work/cache/wt2-ds            # ~6 min on 2 busy cores
+    python bench/bench_sample.py --datastore /work/cache/wt2-ds   # 6 runs: ~5 min quiet, ~11 at load 12 on 2 vCPUs
     python bench/bench_sample.py --sizes 32768 --factory IVF512,PQ32 --seeds 0,1,2,3,4
 """
 from __future__ import annotations

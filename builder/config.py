@@ -17,6 +17,7 @@ TRAINERS = ("auto", "faiss", "torch", "faiss-gpu")     # k-means of train-index 
 ENCODERS = TRAINERS                                     # encoding of add
 METRICS = ("l2", "ip")
 MAX_DEFAULT_WINDOW = 1024
+ROW_GROUP_ROWS = 1024       # default rows per Parquet row group of the key shards (--row-group-rows)
 
 
 class ConfigError(KnnlmError, ValueError):
@@ -50,7 +51,10 @@ class BuildConfig:
     text_field: str = opt("text", help="JSONL field / Parquet column holding the text")
     shard_rows: int = opt(131072, help="most rows per shard file")
     unit_tokens: int = opt(262144, help="keys per work unit (the unit of dispatch, retry and resume)")
-    row_group_rows: int = opt(16384, help="Parquet row group size (the granularity of index-training samples)")
+    # 1024, not 16384: train-index's sample comes from about read_factor × train_size / row_group_rows runs
+    # of neighbouring text; at 16384 they were too few (bench/bench_sample.py: +9% coarse error on WikiText-2)
+    row_group_rows: int = opt(ROW_GROUP_ROWS, help="Parquet row group size (the granularity of index-training "
+                                                   "samples: smaller spreads the sample over more of the corpus)")
     workers: int | None = opt(None, help="key workers",
                               default_text="one per GPU of the cluster, else one CPU worker using all cores")
     address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")

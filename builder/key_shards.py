@@ -15,7 +15,8 @@ Why fixed_size_binary and not list<halffloat>: measured here, Parquet wrote a 76
 fixed_size_binary key column at ~430 MB/s vs ~28 MB/s for fixed_size_list<halffloat>
 (the developers' guide saw 1.9 GB/s vs 40 MB/s on an H100 host). Keys are not
 compressed (fp16 noise does not compress); the small columns are zstd-compressed.
-Row groups are small (16k rows by default) so index training can sample random row groups.
+Row groups are small (1,024 rows by default, `--row-group-rows`) so that index training, which
+reads whole random row groups, draws its sample from many places in the corpus (bench/bench_sample.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.config import ROW_GROUP_ROWS
 from builder.errors import KnnlmError
 from builder.storage import NotFound
 
@@ -56,7 +58,7 @@ def to_table(keys: np.ndarray, values: np.ndarray, doc: np.ndarray, pos: np.ndar
 
 
 def encode_shard(keys: np.ndarray, values: np.ndarray, doc: np.ndarray, pos: np.ndarray,
-                 row_group_rows: int = 16384) -> tuple[bytes, str]:
+                 row_group_rows: int = ROW_GROUP_ROWS) -> tuple[bytes, str]:
     """Shard bytes and their checksum ("sha256:<hex>")."""
     table = to_table(keys, values, doc, pos)
     sink = io.BytesIO()

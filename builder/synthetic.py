@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from builder.config import ROW_GROUP_ROWS
 from builder.key_shards import SHARD_FORMAT, encode_shard
 from builder.layout import key_shard_path
 from builder.manifest import Manifest, write_manifest
@@ -28,7 +29,7 @@ def synthetic_keys(n: int, dim: int, seed: int, centers: np.ndarray, spread: flo
 
 
 def write_synthetic_datastore(uri: str, num_keys: int, dim: int, shard_rows: int = 65536,
-                              row_group_rows: int = 16384, seed: int = 0, num_centers: int = 256,
+                              row_group_rows: int = ROW_GROUP_ROWS, seed: int = 0, num_centers: int = 256,
                               vocab: int = 50000, threads: int = 2) -> Manifest:
     """Write `num_keys` synthetic keys under `uri` (local or s3://) and its manifest."""
     storage = Storage.from_uri(uri)

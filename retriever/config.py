@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builder.config import DATASTORE, DEVICES, FORMATS, MODES, ConfigError
+from builder.config import COMPUTE_DTYPES, DATASTORE, DEVICES, FORMATS, MODES, ConfigError
 from builder.options import opt
 
 TUNED = "the value `knnlm tune` recorded, else {}"
@@ -53,6 +53,10 @@ class EvalConfig:
     rerank: bool = opt(False, choices=("exact",), from_cli=lambda v: v == "exact",
                        help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
     mode: str | None = opt(None, choices=MODES, file=False, help="", default_text="the manifest's")
+    compute_dtype: str | None = opt(None, choices=tuple(d for d in COMPUTE_DTYPES if d != "auto"), file=False,
+                                    help="dtype of the queries' forward pass: the datastore's keys' own (any other "
+                                         "is refused: queries must be computed as the keys were)",
+                                    default_text="the manifest's")
     format: str = opt("auto", choices=FORMATS, help="the evaluation text's format, as build's --format")
     text_field: str = opt("text", file=False, help="JSONL field / Parquet column holding the text")
     address: str | None = opt(None, file=False, help=SERVERS_ADDRESS,

@@ -30,8 +30,10 @@ from builder.build_tokens import tokenize_corpus
 from builder.config import BuildConfig
 from builder.corpus import count_targets, detect_format
 from builder.layout import BUILD_REQUEST, MANIFEST, TOKENS_DIR, UNITS_DIR, unit_record_id
+from builder.keys import default_compute_dtype
 from builder.lease import Lease
 from builder.manifest import Manifest, compare_identity, load_manifest
+from builder.model_dir import config_dtype
 from builder.modelinfo import ModelInfo, config_max_positions, inspect_model, resolve_model_dir
 from builder.runtime import cluster_resources, max_node_cpus, ray_session
 from builder.storage import NotFound, Storage, expand_inputs
@@ -126,7 +128,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             if cfg.device == "cuda" and gpus == 0:
                 raise BuildError("--device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
             compute_dtype = (cfg.compute_dtype if cfg.compute_dtype != "auto"
-                             else ("bfloat16" if use_cuda else "float32"))
+                             else default_compute_dtype(use_cuda, config_dtype(model_dir)))
             actors = []
             lease = None
             try:

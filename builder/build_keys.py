@@ -32,7 +32,7 @@ class KeyWorkerImpl:
     progress queries while a unit runs."""
 
     def __init__(self, model_path: str, key_layer: str, device: str, compute_dtype: str, threads: int,
-                 root_uri: str):
+                 root_uri: str, dtype_source: str | None = None):
         import torch
         import transformers
 
@@ -40,7 +40,7 @@ class KeyWorkerImpl:
         transformers.utils.logging.set_verbosity_error()
         torch.set_num_threads(threads)
         self.storage = Storage.from_uri(root_uri)
-        self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
+        self.encoder = load_encoder(model_path, key_layer, device, compute_dtype, dtype_source)
         self.unit_rows: tuple[int, int] = (-1, 0)  # (unit id, rows computed so far)
 
     @ray.method(concurrency_group="control")
@@ -77,7 +77,9 @@ def start_workers(cfg, storage: Storage, model_dir: str, use_cuda: bool, cpus: i
     device = "cuda" if use_cuda else "cpu"
     log.info("%d key workers (%s, %s%s)", n_workers, device, compute_dtype,
              "" if use_cuda else f", {threads} threads each")
-    return [Actor.remote(model_dir, cfg.key_layer, device, compute_dtype, threads, storage.uri)
+    source = f"--compute-dtype {cfg.compute_dtype}" + (f" (chose {compute_dtype} for this model on {device}; "
+                                                       "choose another)" if cfg.compute_dtype == "auto" else "")
+    return [Actor.remote(model_dir, cfg.key_layer, device, compute_dtype, threads, storage.uri, source)
             for _ in range(n_workers)]
 
 

@@ -60,8 +60,10 @@ class BuildConfig:
     address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")
     device: str = opt("auto", choices=DEVICES, help="device of the key workers' forward pass")
     compute_dtype: str = opt("auto", choices=COMPUTE_DTYPES,
-                             help="dtype of the forward pass (auto: bfloat16 on GPU, float32 on CPU); keys are "
-                                  "stored as float16")
+                             help="dtype of the forward pass, recorded in the manifest; evaluation, generation and "
+                                  "`knnlm neighbours` compute their queries in it (auto: float32 on CPU; on GPU "
+                                  "float16, or bfloat16 for a model whose config says bfloat16: see "
+                                  "bench/README.md); keys are stored as float16")
     batch_size: int = opt(8, help="windows per forward pass")
     lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("build"))
     progress: bool = opt(True, flag="--no-progress", file=False, help="no progress bar")

@@ -10,6 +10,10 @@ with its KV cache instead, but reads each step's query through the same `KeyEnco
 For keys alone the forward stops at the key layer: the pre-hook on the key module captures its
 input and aborts the forward, so neither the rest of the last block nor the LM head is computed
 (the LM head alone is about half of GPT-2-small's cost).
+
+Precision: the blocks run in the compute dtype (`resolve_dtype`; the datastore's manifest records
+it and every later forward uses the same one); when the LM's log-probabilities are wanted, the LM
+head runs in float32 (`fp32_head`): in bfloat16 a logit near -100 is rounded to a step of 0.5.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from builder.errors import KnnlmError
+from builder.model_dir import config_dtype
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,50 @@ def find_key_module(model: torch.nn.Module, key_layer: str) -> tuple[str, torch.
                         "use --key-layer final_hidden or add its name to builder.keys.FFN_NAMES")
 
 
-def resolve_dtype(device: str, compute_dtype: str = "auto") -> torch.dtype:
-    if compute_dtype != "auto":
-        return getattr(torch, compute_dtype)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+class ComputeDtypeError(KnnlmError, ValueError):
+    """A compute dtype the device cannot run (e.g. bfloat16 on a GPU without it)."""
+
+
+def default_compute_dtype(on_cuda: bool, trained_dtype: str | None = None) -> str:
+    """`--compute-dtype auto`, the one rule (build driver and workers alike):
+
+    CPU: float32 (half precision is no faster there, and exact is free). GPU: float16, the paper's
+    and 3 mantissa bits finer than bfloat16 (bench/bench_precision.py: about 8x smaller key error),
+    unless the model's config says it was trained/published in bfloat16 (`trained_dtype`, config
+    `dtype`/`torch_dtype`): such models may have activations beyond float16's range (65504), so
+    bfloat16 (builder/unit.py check_finite refuses non-finite keys either way)."""
+    if not on_cuda:
+        return "float32"
+    return "bfloat16" if trained_dtype == "bfloat16" else "float16"
+
+
+def resolve_dtype(device: str, compute_dtype: str = "auto", trained_dtype: str | None = None) -> torch.dtype:
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype(device.startswith("cuda"), trained_dtype)
+    return getattr(torch, compute_dtype)
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def check_device_dtype(device: str, dtype: torch.dtype, source: str) -> None:
+    """Refuse, naming `source` (what asked for the dtype) and the device, a compute dtype the device cannot
+    run: bfloat16 on a GPU without native bfloat16 (before Ampere), or any dtype whose matmul and layer
+    norm fail there. Never a silent change of dtype: keys and queries must come from the same one."""
+    dev = torch.device(device)
+    name = str(dtype).replace("torch.", "")
+    if dev.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ComputeDtypeError(f"{source}: {_device_name(dev)} has no native bfloat16 (it needs compute "
+                                "capability 8.0 or newer)")
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=dev)
+        torch.nn.functional.layer_norm(a @ a, (4,))                 # the ops every block runs
+    except (RuntimeError, TypeError) as e:
+        raise ComputeDtypeError(f"{source}: {_device_name(dev)} cannot compute in {name} "
+                                f"({str(e).splitlines()[0]})") from None
 
 
 def resolve_device(device: str) -> str:
@@ -90,6 +133,42 @@ def resolve_device(device: str) -> str:
 
 class _Captured(Exception):
     """Raised by the hook to stop the forward pass at the key layer."""
+
+
+def fp32_head(model: torch.nn.Module) -> bool:
+    """Make the LM head (`get_output_embeddings()`) compute in float32 whatever the compute dtype:
+    (..., d) hidden states in the compute dtype → (..., V) float32 logits. Returns whether it did
+    (False: the head is already float32, or there is none).
+
+    The module's own `forward` is replaced on the instance by one on a float32 copy of its weight
+    (and bias), so its hooks (the key hook of --key-layer final_hidden) still run, the model's own
+    post-processing of the logits (soft-capping, scaling) runs in float32 on them, and the head is
+    computed once. The shared (tied) embedding is not touched. Cost: V·d·4 bytes (GPT-2-small:
+    154 MB; a 128k-vocabulary 4096-dim LM: 2.1 GB) and one float32 GEMM instead of a half-precision
+    one; keys-only builds never call it. The products of half-precision operands are exact in
+    float32, so this equals a half-precision GEMM that accumulates and returns float32."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_knnlm_fp32", False) or head.weight.dtype == torch.float32:
+        return False
+    with torch.no_grad():
+        if isinstance(head, torch.nn.Linear):
+            w32 = head.weight.detach().float()                                          # (V, d)
+            b32 = head.bias.detach().float() if head.bias is not None else None          # (V,)
+
+            def forward(x: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.linear(x.float(), w32, b32)                   # (..., V) fp32
+        else:  # another head module: a float32 copy without hooks
+            import copy
+            h32 = copy.deepcopy(head).float()
+            h32._forward_pre_hooks.clear()
+            h32._forward_hooks.clear()
+
+            def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                return h32(x.float(), *args, **kwargs)
+    head.forward = forward
+    head._knnlm_fp32 = True
+    log.debug("%s: LM head %s computes in float32", type(model).__name__, type(head).__name__)
+    return True
 
 
 class KeyEncoder:
@@ -108,16 +187,35 @@ class KeyEncoder:
         self.dtype = next(model.parameters()).dtype
         self.last: torch.Tensor | None = None     # (B, T, d) the key module's input in the latest forward
         self.stop = stop
-        self._handle = self.module.register_forward_pre_hook(self._hook)
+        self.shape: tuple[int, int] | None = None  # (B, T) of the current forward's input ids
+        self._handles = [model.register_forward_pre_hook(self._shape_hook, with_kwargs=True),
+                         self.module.register_forward_pre_hook(self._hook)]
+
+    def _shape_hook(self, module, args, kwargs):
+        """Note (B, T) of every forward of the model (generation's steps too): some blocks flatten."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self.shape = tuple(ids.shape[:2]) if ids is not None else None
 
     def _hook(self, module, args):
-        self.last = args[0]
+        x = args[0]
+        if x.dim() == 2:
+            # OPT-style blocks hand their feed-forward a (B·T, d) tensor (OPTDecoderLayer flattens before
+            # final_layer_norm/fc1): back to (B, T, d), row-major as flattened
+            if self.shape is None or self.shape[0] * self.shape[1] != x.shape[0]:
+                raise KeyLayerError(f"the key module {self.module_name} of {type(self.model).__name__} gets a "
+                                    f"{tuple(x.shape)} tensor that is not (batch·time, dim) of the input "
+                                    f"{self.shape}; use --key-layer final_hidden")
+            x = x.reshape(*self.shape, x.shape[-1])
+        self.last = x
         if self.stop:
             raise _Captured
 
     def remove(self) -> None:
-        """Take the hook off the model (the model then runs as if never wrapped)."""
-        self._handle.remove()
+        """Take the hooks off the model (the model then runs as if never wrapped)."""
+        for h in self._handles:
+            h.remove()
 
     def _key(self) -> torch.Tensor:
         if self.last is None:
@@ -127,7 +225,9 @@ class KeyEncoder:
 
     @torch.inference_mode()
     def score(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole forward: (keys (B, T, d) at the key layer, logits (B, T, V)), from one pass."""
+        """The whole forward: (keys (B, T, d) at the key layer in the compute dtype, logits (B, T, V)
+        float32: the LM head in float32, see `fp32_head`, set up on the first call), from one pass."""
+        fp32_head(self.model)
         self.last, stop, self.stop = None, self.stop, False
         try:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
@@ -146,13 +246,21 @@ class KeyEncoder:
         return self._key()
 
 
-def load_encoder(model_path: str, key_layer: str, device: str = "auto",
-                 compute_dtype: str = "auto") -> KeyEncoder:
+def load_model(model_path: str, device: str = "auto", compute_dtype: str = "auto",
+               source: str | None = None) -> torch.nn.Module:
+    """The causal LM on `device` in `compute_dtype` ("auto": `default_compute_dtype`), in eval mode; a
+    dtype the device cannot run is refused naming `source` (default: the --compute-dtype flag)."""
     from transformers import AutoModelForCausalLM
     dev = resolve_device(device)
-    dtype = resolve_dtype(dev, compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    return KeyEncoder(model.to(dev), key_layer, dev)
+    dtype = resolve_dtype(dev, compute_dtype, config_dtype(model_path) if compute_dtype == "auto" else None)
+    check_device_dtype(dev, dtype, source or f"--compute-dtype {compute_dtype}")
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(dev).eval()
+
+
+def load_encoder(model_path: str, key_layer: str, device: str = "auto", compute_dtype: str = "auto",
+                 source: str | None = None) -> KeyEncoder:
+    dev = resolve_device(device)
+    return KeyEncoder(load_model(model_path, dev, compute_dtype, source), key_layer, dev)
 
 
 @dataclass
@@ -168,7 +276,7 @@ def _next_logprobs(logits: torch.Tensor, job: WindowJob) -> torch.Tensor:
     """logits (T, V) of one window → (hi - lo,) float64 log p(next token) at positions [lo, hi):
     the log-softmax in float32 over the vocabulary, then gathered and widened."""
     tgt = torch.from_numpy(np.asarray(job.tokens[job.lo + 1:job.hi + 1], dtype=np.int64)).to(logits.device)
-    lp = torch.log_softmax(logits[job.lo:job.hi].float(), dim=-1)                  # (m, V) fp32
+    lp = torch.log_softmax(logits[job.lo:job.hi].float(), dim=-1)                  # (m, V) fp32 (no-op cast)
     return lp.gather(1, tgt[:, None])[:, 0].double()                                # (m,) fp64
 
 
@@ -218,7 +326,7 @@ def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id:
         ids_t = torch.from_numpy(ids).to(dev, non_blocking=cuda)
         lp = None
         if logprobs:
-            h, logits = encoder.score(ids_t)                                 # (B, T, d), (B, T, V) compute dtype
+            h, logits = encoder.score(ids_t)                                 # (B, T, d) compute dtype, (B, T, V) fp32
             lp = torch.cat([_next_logprobs(logits[r], jobs[i]) for r, i in enumerate(idx)])   # (sum keep,) fp64
             del logits
         else:

@@ -38,3 +38,19 @@ def resolve_model_dir(model: str) -> str:
     except Exception as e:
         raise _model_dir_error(model, "not a local directory, and the Hugging Face hub could not provide it "
                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def config_dtype(model_dir: str) -> str | None:
+    """The dtype the model was saved in, from its config.json alone (`dtype`, formerly `torch_dtype`;
+    a multimodal wrapper's `text_config` first), e.g. "bfloat16"; None when absent or unreadable."""
+    import json
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for c in (cfg.get("text_config") or {}, cfg):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(c.get(key), str):
+                return c[key].replace("torch.", "")
+    return None

@@ -331,7 +331,7 @@ def generate_samples(datastore: str, model: str, test_path: str, cfg: DemoConfig
         with open(test_path, encoding="utf-8") as f:
             body = [line for line in f if line.strip() and not line.startswith(" =")]
         prompt = " ".join(body[0].split()[:12])
-    g = generate(st.uri, model, m.key_layer, prompt, lam, temp, k, 32, cfg.max_new_tokens, compare=True)
+    g = generate(st.uri, prompt, lam, temp, k, 32, cfg.max_new_tokens, compare=True, model=model)
     n, tok = g["prompt_tokens"], g["tokenizer"]
     return {"prompt": prompt, "knnlm": tok.decode(g["knnlm"][0, n:]), "base": tok.decode(g["base"][0, n:]),
             "lambda": lam, "temperature": temp, "k": k}

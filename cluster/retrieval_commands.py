@@ -13,7 +13,7 @@ from builder.manifest import load_manifest
 from builder.runtime import connect_ray, ray_session
 from builder.storage import Storage
 from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
-from retriever.evaluate import check_model, evaluate, knnlm_settings, write_json
+from retriever.evaluate import evaluate, knnlm_settings, write_json
 from retriever.generate import generate as generate_text
 from retriever.provenance import neighbours as find_neighbours
 from retriever.router import Retriever, server_status, serving, start_servers, stop_servers
@@ -102,12 +102,9 @@ def tune(a: TuneConfig) -> int:
 
 
 def generate(a: GenerateConfig) -> int:
-    st = Storage.from_uri(a.datastore)
-    m = load_manifest(st)
-    info = check_model(a.model, m)
-    lam, temp, k = knnlm_settings(m, a.lam, a.temperature, a.k)
-    g = generate_text(st.uri, info.path, m.key_layer, a.prompt, lam, temp, k, a.nprobe, a.max_new_tokens, a.sample,
-                      a.seed, a.compare, a.address, a.cache_dir)
+    lam, temp, k = knnlm_settings(load_manifest(Storage.from_uri(a.datastore)), a.lam, a.temperature, a.k)
+    g = generate_text(a.datastore, a.prompt, lam, temp, k, a.nprobe, a.max_new_tokens, a.sample, a.seed, a.compare,
+                      a.address, a.cache_dir, model=a.model)   # refuses another model than the datastore's
     print(f"kNN-LM (lambda={lam:g}, T={temp:g}, k={k}): {g['tokenizer'].decode(g['knnlm'][0])}")
     if a.compare:
         print(f"base LM: {g['tokenizer'].decode(g['base'][0])}")

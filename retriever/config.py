@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from builder.config import DATASTORE, DEVICES, FORMATS, MODES, ConfigError
+from builder.config import COMPUTE_DTYPES, DATASTORE, DEVICES, FORMATS, MODES, ConfigError
 from builder.options import opt
 
 TUNED = "the value `knnlm tune` recorded, else {}"
@@ -58,6 +58,10 @@ class EvalConfig:
     min_context: int | None = opt(None, help="tokens of context each window re-reads from the previous one; "
                                              "window - min_context new tokens are scored per window (the paper: "
                                              "2560, i.e. 512 new tokens)", default_text="the manifest's")
+    compute_dtype: str | None = opt(None, choices=tuple(d for d in COMPUTE_DTYPES if d != "auto"), file=False,
+                                    help="dtype of the queries' forward pass: the datastore's keys' own (any other "
+                                         "is refused: queries must be computed as the keys were)",
+                                    default_text="the manifest's")
     format: str = opt("auto", choices=FORMATS, help="the evaluation text's format, as build's --format")
     text_field: str = opt("text", file=False, help="JSONL field / Parquet column holding the text")
     address: str | None = opt(None, file=False, help=SERVERS_ADDRESS,

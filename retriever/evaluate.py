@@ -1,15 +1,16 @@
 """`knnlm eval`: base LM and kNN-LM perplexity of evaluation text, on Ray evaluation workers.
 
-The queries are made exactly as the datastore's keys were: the same tokenizer, the same
-key module, hook and batched forward (`builder.keys.forward`, one full pass per window that
-also gives the LM's log-probabilities), rounded to float16 as keys are stored. The windows are
-`builder.corpus.plan_windows`'s with the manifest's window and min_context unless `--window` /
-`--min-context` ask for another protocol: the paper builds with 3072/1536 but evaluates 3072-token
-windows that score 512 new tokens each (`--window 3072 --min-context 2560`). Every token that
-would get a key is scored: in `document` mode every token after the first of each document (the
-first has no context: no query); in `stream` mode every token after the first of each file. The
-result records the protocol (window, min_context, mode, scored tokens, sequences whose first token
-is not scored, approximate or exact distances, index factory, nprobe).
+The queries are made exactly as the datastore's keys were: the same model (`check_model`) and
+tokenizer, the same compute dtype (the manifest's `compute_dtype`, on any device: `query_dtype`),
+the same key module, hook and batched forward (`builder.keys.forward`, one full pass per window
+that also gives the LM's log-probabilities, its LM head in float32), rounded to float16 as keys are
+stored. The windows are `builder.corpus.plan_windows`'s with the manifest's window and min_context
+unless `--window` / `--min-context` ask for another protocol: the paper builds with 3072/1536 but
+evaluates 3072-token windows that score 512 new tokens each (`--window 3072 --min-context 2560`).
+Every token that would get a key is scored: in `document` mode every token after the first of each
+document (the first has no context: no query); in `stream` mode every token after the first of each
+file. The result records the protocol (window, min_context, mode, scored tokens, sequences whose
+first token is not scored, approximate or exact distances, index factory, nprobe).
 
 Work is cut into chunks of whole windows, independent of the number of workers; each worker
 (a Ray actor holding the LM and a `Retriever`) returns the per-token log-probabilities of its
@@ -30,7 +31,7 @@ from builder.corpus import detect_format, plan_windows, tokenize_file
 from builder.dispatch import dispatch
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
-from builder.keys import WindowJob, forward, load_encoder
+from builder.keys import ComputeDtypeError, KeyLayerError, WindowJob, forward, load_encoder, load_model
 from builder.layout import NEIGHBOUR_CACHE_META
 from builder.manifest import load_manifest, require_index_shards
 from builder.modelinfo import ModelError, inspect_model
@@ -91,6 +92,38 @@ def score_windows(windows: list[tuple[np.ndarray, int, int]], encoder, batch_siz
     return np.concatenate(q), np.concatenate(lm), np.concatenate(tgt)
 
 
+def query_dtype(asked: str | None, m) -> str:
+    """The compute dtype of the queries: the manifest's (the dtype its keys were computed in); `asked`
+    (--compute-dtype) only when it is that one."""
+    if asked is not None and asked != m.compute_dtype:
+        raise EvalError(f"--compute-dtype {asked}: the datastore's keys were computed in {m.compute_dtype} (its "
+                        "manifest's compute_dtype); queries must be computed in the same dtype")
+    return m.compute_dtype
+
+
+def _dtype_source(compute_dtype: str) -> str:
+    return (f"the datastore's keys were computed in {compute_dtype} (its manifest's compute_dtype) and its "
+            "queries must be too")
+
+
+def load_query_model(model_path: str, compute_dtype: str, device: str):
+    """The LM in the datastore's compute dtype (the manifest's) on `device` (generation); a device that
+    cannot run that dtype is an EvalError naming both."""
+    try:
+        return load_model(model_path, device, compute_dtype, _dtype_source(compute_dtype))
+    except ComputeDtypeError as e:
+        raise EvalError(str(e)) from None
+
+
+def load_query_encoder(model_path: str, key_layer: str, compute_dtype: str, device: str):
+    """The LM that computes queries as the datastore's keys were: its key layer, in its compute dtype (the
+    manifest's) on `device`; a device that cannot run that dtype is an EvalError naming both."""
+    try:
+        return load_encoder(model_path, key_layer, device, compute_dtype, _dtype_source(compute_dtype))
+    except (ComputeDtypeError, KeyLayerError) as e:
+        raise EvalError(str(e)) from None
+
+
 def knnlm_settings(m, lam: float | None, temperature: float | None, k: int | None) -> tuple[float, float, int]:
     """(λ, T, k): each as given, else what `knnlm tune --record` stored in the manifest, else the paper's."""
     tuned = m.tuned or {}
@@ -115,7 +148,13 @@ class EvalWorkerImpl:
         transformers.utils.logging.set_verbosity_error()
         if threads:
             torch.set_num_threads(threads)
-        self.encoder = load_encoder(model_path, key_layer, device, compute_dtype)
+        # a refused dtype is kept and raised by `run`: an actor whose constructor raises dies with a Ray
+        # traceback, a method's error reaches the driver as itself (unwrap_task_error)
+        self.encoder, self.error = None, None
+        try:
+            self.encoder = load_query_encoder(model_path, key_layer, compute_dtype, device)
+        except EvalError as e:
+            self.error = e
         self.datastore, self._retriever = datastore, None
 
     @property
@@ -127,6 +166,8 @@ class EvalWorkerImpl:
 
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
             batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
+        if self.error is not None:
+            raise self.error
         maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it and retries
         t0 = time.perf_counter()
         q, lm, tgt = score_windows(windows, self.encoder, batch_size)
@@ -168,6 +209,7 @@ class Protocol:
     distances: str               # "approximate" (the index's) or "exact" (re-ranked)
     index_factory: str
     nprobe: int
+    compute_dtype: str           # of the queries: the keys' own (the manifest's)
 
     def to_json(self) -> dict:
         return dict(vars(self))
@@ -256,6 +298,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     t0 = time.perf_counter()
     st = Storage.from_uri(cfg.datastore)
     m = load_manifest(st)
+    compute_dtype = query_dtype(cfg.compute_dtype, m)
     require_index_shards(m, st.uri, EvalError)
     mode = cfg.mode or m.mode
     if mode != m.mode:
@@ -269,7 +312,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
         workers = cfg.workers or (gpus if use_gpu else 1)
         threads = cfg.threads or max(1, cpus // workers)
-        compute_dtype = m.compute_dtype if not use_gpu else "auto"
         actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
                                                    max_restarts=2, max_task_retries=2)
         pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
@@ -289,7 +331,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
     n = int(lm.size)
     protocol = Protocol(window, min_context, mode, n, sequences, distances_name(cfg.rerank), m.index["factory"],
-                        cfg.nprobe)
+                        cfg.nprobe, compute_dtype)
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
                      cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol)
     if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
@@ -342,7 +384,8 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
     dispatch(chunks, lambda c, w: pool[w].run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
                                                      cfg.batch_size, cfg.search_batch, cfg.save_neighbours),
              done, lambda c, e: unwrap_task_error(e, f"evaluation chunk {c.id}",
-                                                  (RetrieverError, RequestError, ValueError), EvalError),
+                                                  (EvalError, RetrieverError, RequestError, ValueError),
+                                                  EvalError),
              workers=len(pool))
     return results
 

@@ -10,12 +10,11 @@ import json
 
 import numpy as np
 
-from builder.keys import load_encoder
 from builder.layout import tokens_meta_path, tokens_path
 from builder.manifest import Manifest, load_manifest, require_index_shards
 from builder.rows import read_rows
 from builder.storage import Storage
-from retriever.evaluate import EvalError, check_model, plan_chunks, score_windows
+from retriever.evaluate import EvalError, check_model, load_query_encoder, plan_chunks, score_windows
 from retriever.router import Retriever, serving
 
 
@@ -55,7 +54,7 @@ def neighbours(datastore: str, text: str, k: int = 8, nprobe: int = 32, context:
     ids = np.array(tok(text)["input_ids"], dtype=np.int32)
     if len(ids) < 2:
         raise EvalError("--text: needs at least 2 tokens")
-    enc = load_encoder(info.path, m.key_layer, "cpu", m.compute_dtype)
+    enc = load_query_encoder(info.path, m.key_layer, m.compute_dtype, "cpu")     # as the keys were computed
     q, _, tgt = score_windows([w for c in plan_chunks([ids], m.window, m.min_context) for w in c.windows], enc)
     with serving(st.uri, address, cache_dir=cache_dir):
         res = Retriever.connect(st.uri).search(q.astype(np.float32), k=k, nprobe=nprobe)

@@ -11,7 +11,7 @@ A cache is a folder (local or s3://) of Parquet files, one per evaluation chunk,
 
 plus `cache.json`: {metric, k, rerank, datastore, corpus, chunks} and the evaluation's protocol
 (`retriever.evaluate.Protocol`: window, min_context, mode, tokens, sequences, distances,
-index_factory, nprobe). Everything `knnlm tune` needs: it searches λ, T and k (a prefix of the k
+index_factory, nprobe, compute_dtype). Everything `knnlm tune` needs: it searches λ, T and k (a prefix of the k
 neighbours) without the LM or the index; its output records each cache's protocol under `caches`.
 """
 from __future__ import annotations
@@ -115,7 +115,8 @@ def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> d
     return out
 
 
-PROTOCOL_KEYS = ("window", "min_context", "mode", "tokens", "sequences", "distances", "index_factory", "nprobe")
+PROTOCOL_KEYS = ("window", "min_context", "mode", "tokens", "sequences", "distances", "index_factory", "nprobe",
+                 "compute_dtype")
 
 
 def protocol(c: Cache) -> dict:

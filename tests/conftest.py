@@ -118,6 +118,11 @@ def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, se
         cfg = cls(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, max_position_embeddings=max_positions, vocab_size=v,
                   bos_token_id=0, eos_token_id=1)
+    elif family == "opt":                   # its blocks hand fc1 a flattened (batch·time, dim) tensor
+        from transformers import OPTConfig
+        cfg = OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                        word_embed_proj_dim=32, max_position_embeddings=max_positions, vocab_size=v,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
     elif family == "llama":
         cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=64, max_position_embeddings=max_positions, vocab_size=v,
@@ -136,9 +141,9 @@ def make_tiny_model(path: str, family: str = "gpt2", max_positions: int = 64, se
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{'gpt2' | 'neox' | 'llama' | 'mistral' | 'qwen2': path} (64 positions each)."""
+    """{'gpt2' | 'neox' | 'llama' | 'mistral' | 'qwen2' | 'opt': path} (64 positions each)."""
     root = tmp_path_factory.mktemp("models")
-    return {f: make_tiny_model(str(root / f), f) for f in ("gpt2", "neox", "llama", "mistral", "qwen2")}
+    return {f: make_tiny_model(str(root / f), f) for f in ("gpt2", "neox", "llama", "mistral", "qwen2", "opt")}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from builder.unit import Segment, Unit, UnitParams, compute_unit, unit_token_ran
 # the last block's feed-forward, written out per family (independent of find_key_module)
 LAST_FFN = {"gpt2": lambda m: m.transformer.h[-1].mlp, "neox": lambda m: m.gpt_neox.layers[-1].mlp,
             "llama": lambda m: m.model.layers[-1].mlp, "mistral": lambda m: m.model.layers[-1].mlp,
-            "qwen2": lambda m: m.model.layers[-1].mlp}
+            "qwen2": lambda m: m.model.layers[-1].mlp, "opt": lambda m: m.model.decoder.layers[-1].fc1}
 
 
 def reference_keys(model, family, key_layer, tokens, window, min_context):
@@ -26,7 +26,9 @@ def reference_keys(model, family, key_layer, tokens, window, min_context):
         if s not in cache:
             ids = torch.tensor(tokens[s:min(s + window, n)], dtype=torch.long)[None]
             captured = {}
-            h = LAST_FFN[family](model).register_forward_hook(lambda m, a, o: captured.update(x=a[0]))
+            # OPT's fc1 gets (1·T, d): back to (1, T, d)
+            h = LAST_FFN[family](model).register_forward_hook(
+                lambda m, a, o: captured.update(x=a[0].reshape(ids.shape[0], ids.shape[1], -1)))
             with torch.no_grad():
                 model(ids)  # the plain full forward, LM head included
                 last = model.base_model(ids).last_hidden_state  # after the final norm: the LM head's input
@@ -36,7 +38,7 @@ def reference_keys(model, family, key_layer, tokens, window, min_context):
     return out[1:]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama", "mistral", "qwen2", "opt"])
 @pytest.mark.parametrize("key_layer", ["ffn_input", "final_hidden"])
 def test_unit_keys_equal_reference(tiny_models, family, key_layer):
     path = tiny_models[family]
@@ -71,6 +73,35 @@ def test_unit_keys_equal_reference(tiny_models, family, key_layer):
         np.testing.assert_allclose(whole, ref, rtol=1e-2, atol=2e-3)
         if len(got) > 1:  # a unit starting inside a sequence re-reads its context: same keys
             np.testing.assert_array_equal(np.concatenate(got[1:]), got[0])
+
+
+def test_opt_keys_are_fc1_input_reshaped(tiny_models):
+    """OPT blocks hand fc1 a (batch·time, dim) tensor: the keys are that input back in (batch, time, dim),
+    in a padded batch too, and both the encoder and inspect_model choose fc1 as the key module."""
+    from builder.modelinfo import inspect_model
+    path = tiny_models["opt"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert find_key_module(model, "ffn_input")[0] == "model.decoder.layers.1.fc1"
+    assert inspect_model(path, "ffn_input").key_module == "model.decoder.layers.1.fc1"
+    rng = np.random.default_rng(5)
+    jobs = [WindowJob(rng.integers(2, model.config.vocab_size, n), lo, n) for n, lo in ((30, 0), (12, 3), (21, 5))]
+    enc = load_encoder(path, "ffn_input", "cpu", "float32")
+    for bs in (1, 3):                                    # alone, and right-padded in one batch
+        for job, got in zip(jobs, compute_keys(jobs, enc, bs)):
+            captured = {}
+            h = model.model.decoder.layers[-1].fc1.register_forward_hook(
+                lambda m, a, o: captured.update(x=a[0]))
+            with torch.no_grad():
+                model(torch.from_numpy(job.tokens.astype(np.int64))[None])
+            h.remove()
+            flat = captured["x"]
+            assert flat.dim() == 2 and flat.shape == (len(job.tokens), 32)       # the flattening is real
+            ref = flat.reshape(1, len(job.tokens), 32)[0, job.lo:job.hi].numpy()
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got.astype(np.float32), ref, rtol=1e-2, atol=2e-3)
+    with pytest.raises(KeyLayerError, match="OPTForCausalLM"):       # a 2-D input that is not (B·T, d)
+        enc.shape = (5, 5)
+        enc._hook(enc.module, (torch.zeros(7, 32),))
 
 
 def test_forward_stops_at_key_layer(gpt2_model):

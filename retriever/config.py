@@ -131,7 +131,7 @@ class QueryConfig:
     k: int = opt(1024, help="neighbours per query")
     nprobe: int = _nprobe()
     out: str = opt(metavar="R.npz", help="the results: dist, ids, values, partial, missing_shards")
-    rerank: bool = opt(False, help="re-rank each shard's candidates by exact distance")
+    rerank: bool = opt(False, help="re-rank the merged top-k by exact distance (the same for any index sharding)")
     allow_partial: bool = opt(False, help="return results from the shards that answer, flagged partial, instead "
                                           "of failing")
     batch_size: int = opt(1024, help="queries per router call")

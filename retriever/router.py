@@ -10,6 +10,10 @@ once; a replica that fails is replaced by another replica of its shard, and one 
 (`hedge_after` seconds) gets a second request on another replica, the first answer winning,
 all within `deadline` seconds. A shard with no live replica fails the call with a clear error,
 or, only when the caller allows partial results, is left out and named in the result.
+
+A re-ranked search (`rerank=True`) makes a second, smaller fan-out through the same machinery:
+the merged approximate top-k goes to the shards that own its candidates (`exact`), and the rows
+are re-sorted by (exact distance, id), so the answer does not depend on the index sharding.
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ from builder.index import faiss_gpus, fastscan_factory
 from builder.manifest import load_manifest, require_index_shards
 from builder.runtime import cluster_resources, connect_ray, max_node_cpus, ray_session
 from builder.storage import Storage
-from retriever.merge import merge_topk
-from retriever.server import IndexServerImpl, RequestError, ServerError, check_request, datastore_key
+from retriever.merge import boundary_ties, merge_topk, rerank_margin, shard_of, sort_topk, worst
+from retriever.server import CPU_MAX_K, IndexServerImpl, RequestError, ServerError, check_request, datastore_key
 
 log = logging.getLogger(__name__)
 NAMESPACE = "knnlm"
@@ -210,12 +214,15 @@ class Retriever:
     """
 
     def __init__(self, uri: str, servers: dict[int, dict[int, object]], num_shards: int, metric: str, dim: int,
-                 max_k: int | None, hedge_after: float = 5.0, deadline: float = 120.0):
+                 max_k: int | None, hedge_after: float = 5.0, deadline: float = 120.0,
+                 ranges: list[tuple[int, int]] | None = None):
         self.uri, self.servers, self.num_shards = uri, servers, num_shards
+        self.ranges = ranges or []                               # (first_id, num_ids) of each shard: who owns an id
         self.metric, self.dim, self.max_k = metric, dim, max_k
         self.hedge_after, self.deadline = hedge_after, deadline
         self._next = {s: 0 for s in range(num_shards)}          # round robin over replicas
         self._dead: set[tuple[int, int]] = set()                 # replicas seen dead (skipped first)
+        self._tie_warned = False
 
     @classmethod
     def connect(cls, datastore_uri: str, address: str | None = None, hedge_after: float = 5.0,
@@ -253,7 +260,8 @@ class Retriever:
         max_k = min([i["max_k"] for i in infos if i.get("max_k")] or [None]) if infos else None
         if missing:
             log.warning("index shards %s of %s have no running server", missing, st.uri)
-        return cls(st.uri, servers, len(m.index_shards), m.index["metric"], m.dim, max_k, hedge_after, deadline)
+        return cls(st.uri, servers, len(m.index_shards), m.index["metric"], m.dim, max_k, hedge_after, deadline,
+                   [(int(s["first_id"]), int(s["num_ids"])) for s in m.index_shards])
 
     def search(self, queries: np.ndarray, k: int = 1024, nprobe: int = 32, rerank: bool = False,
                allow_partial: bool = False) -> SearchResult:
@@ -274,16 +282,75 @@ class Retriever:
         return res
 
     def _search(self, queries: np.ndarray, k: int, nprobe: int, rerank: bool) -> SearchResult:
-        """One fan-out: the merged results of the shards that answered, the others named in the result."""
+        """One fan-out (two with rerank): the merged results of the shards that answered, the others
+        named in the result.
+
+        With rerank, the exact order does not depend on how the datastore is split: each shard
+        returns its approximate top-(k + margin), the router keeps the best k by (approximate
+        distance, id), asks the shards owning those k candidates for their exact distances (one
+        `exact` call per shard), and sorts them by (exact distance, id)."""
         import ray
-        import ray.exceptions as rex
         q = check_request(queries, self.dim, k, nprobe, self.max_k)
         # one copy in the object store, read zero-copy by every server on a node; a small batch
         # goes inline with the calls (a put costs more than it saves)
         q_ref = ray.put(q) if q.nbytes > INLINE_BYTES else q
+        kk = min(k + rerank_margin(k), self.max_k or CPU_MAX_K) if rerank else k
+        results, failed = self._fan_out("search", (q_ref, int(kk), int(nprobe)), range(self.num_shards))
+        missing = sorted(s for s in range(self.num_shards) if s not in results)
+        if len(missing) == self.num_shards:
+            return self._result(None, k, missing, failed)
+        got = [results[s] for s in sorted(results)]
+        d, i, v = merge_topk([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], k, self.metric)
+        if rerank:
+            ties = boundary_ties(d, [g[0] for g in got if g[0].shape[1] == kk], self.metric)
+            if ties.any():   # once per client at warning level: a fast-scan index may tie in every batch
+                log.log(logging.DEBUG if self._tie_warned else logging.WARNING, "re-rank: in %d of %d rows a "
+                        "shard's %d candidates end on a tie with the k-th approximate distance; those rows may "
+                        "depend on the index layout", ties.sum(), len(ties), kk)
+                self._tie_warned = True
+            d, i, v, lost = self._exact(q_ref, i, v)
+            failed.update(lost)
+            missing = sorted(set(missing) | set(lost))
+        return self._result((d, i, v), k, missing, failed)
+
+    def _exact(self, q_ref, ids: np.ndarray, values: np.ndarray):
+        """Exact distances of the (n, k) candidates ids from the shards that own them, the rows re-sorted
+        by (exact distance, id); candidates of a shard that did not answer are dropped (its failure
+        returned, for the caller to report like a missing shard)."""
+        import ray
+        owner = shard_of(ids, self.ranges)                                 # (n, k) shard index, -1 missing
+        shards = sorted(int(s) for s in np.unique(owner) if s >= 0)
+        ids_ref = ids if ids.nbytes <= INLINE_BYTES else ray.put(ids)
+        results, failed = self._fan_out("exact", (q_ref, ids_ref), shards)
+        exact = np.full(ids.shape, worst(self.metric), np.float32)
+        for s, e in results.items():
+            mine = owner == s
+            exact[mine] = e[mine]
+        d, i, v = sort_topk(exact, np.where(np.isfinite(exact), ids, -1), values, ids.shape[1], self.metric)
+        return d, i, v, failed
+
+    def _result(self, div, k: int, missing: list[int], failed: dict[int, str]) -> SearchResult:
+        for s in missing:
+            failed.setdefault(s, f"no answer within the {self.deadline:.0f}s deadline")
+        error = (f"index shards {missing} of {self.uri} have no live replica (" +
+                 "; ".join(f"shard {s}: {failed[s]}" for s in missing[:5]) +
+                 "): check `knnlm serve --status`, restart them with `knnlm serve`, or pass "
+                 "allow_partial=True to search the other shards") if missing else ""
+        if div is None:
+            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32),
+                                partial=True, missing_shards=missing, error=error)
+        return SearchResult(*div, partial=bool(missing), missing_shards=missing, error=error)
+
+    def _fan_out(self, method: str, args: tuple, shards) -> tuple[dict[int, object], dict[int, str]]:
+        """Call `method(*args)` on one replica of each shard in `shards`: a failed replica is replaced by
+        another of its shard, a slow one (hedge_after) gets a second call elsewhere, the first answer
+        winning, all within the deadline. Returns ({shard: answer}, {shard: why it has none})."""
+        import ray
+        import ray.exceptions as rex
+        shards = list(shards)
         t0 = time.monotonic()
-        results: dict[int, tuple] = {}
-        tried: dict[int, set[int]] = {s: set() for s in range(self.num_shards)}
+        results: dict[int, object] = {}
+        tried: dict[int, set[int]] = {s: set() for s in shards}
         sent_at: dict[int, float] = {}
         pending: dict = {}
 
@@ -293,13 +360,13 @@ class Retriever:
             for r in order:
                 if r not in tried[shard]:
                     tried[shard].add(r)
-                    pending[reps[r].search.remote(q_ref, int(k), int(nprobe), bool(rerank))] = (shard, r)
+                    pending[getattr(reps[r], method).remote(*args)] = (shard, r)
                     sent_at[shard] = time.monotonic()
                     return True
             return False
 
         failed: dict[int, str] = {}
-        for s in range(self.num_shards):
+        for s in shards:
             self._next[s] = (self._next[s] + 1) % max(len(self.servers.get(s, {})), 1)
             if not send(s):
                 failed[s] = "no server running"
@@ -312,7 +379,7 @@ class Retriever:
             except Exception:  # noqa: BLE001 - a failure or a slow shard: the loop below sorts it out
                 pass
         try:
-            while pending and len(results) + len(failed) < self.num_shards:
+            while pending and len(results) + len(failed) < len(shards):
                 left = self.deadline - (time.monotonic() - t0)
                 if left <= 0:
                     break
@@ -338,23 +405,14 @@ class Retriever:
                     if not send(shard) and not any(v[0] == shard for v in pending.values()):
                         failed[shard] = reason
                 now = time.monotonic()
-                for shard in range(self.num_shards):    # hedge slow shards on another replica
+                for shard in shards:    # hedge slow shards on another replica
                     if shard not in results and shard not in failed and now - sent_at.get(shard, now) > self.hedge_after:
                         if send(shard):
                             log.info("index shard %d is slow (%.1fs); asked another replica", shard, now - sent_at[shard])
         finally:
             for ref in pending:
                 ray.cancel(ref)
-        missing = sorted(s for s in range(self.num_shards) if s not in results)
-        for s in missing:
-            failed.setdefault(s, f"no answer within the {self.deadline:.0f}s deadline")
-        error = (f"index shards {missing} of {self.uri} have no live replica (" +
-                 "; ".join(f"shard {s}: {failed[s]}" for s in missing[:5]) +
-                 "): check `knnlm serve --status`, restart them with `knnlm serve`, or pass "
-                 "allow_partial=True to search the other shards") if missing else ""
-        if len(missing) == self.num_shards:
-            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64), np.zeros((0, k), np.int32),
-                                partial=True, missing_shards=missing, error=error)
-        got = [results[s] for s in sorted(results)]
-        d, i, v = merge_topk([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], k, self.metric)
-        return SearchResult(d, i, v, partial=bool(missing), missing_shards=missing, error=error)
+        for s in shards:
+            if s not in results:
+                failed.setdefault(s, f"no answer within the {self.deadline:.0f}s deadline")
+        return results, failed

@@ -7,8 +7,8 @@ A server loads index shard i of a datastore (manifest `index_shards[i]`):
   or copied to the GPU when faiss has GPU support;
 - the values (token ids) of its id range, so that a search returns values, not just ids:
   read from the key shards once, cached as an .npy and memory-mapped;
-- with `rerank`, the fp16 keys of its id range likewise, to re-rank the k candidates of a
-  request by their exact distances.
+- with `rerank`, the fp16 keys of its id range likewise, to give the exact distances of the
+  candidates it owns among a request's merged top-k (`exact`: the router re-ranks by them).
 
 Distances are what FAISS returns for the metric: squared L2 for `l2` (the kNN-LM paper's
 convention), inner product for `ip`. Missing results (fewer than k) have id and value -1 and
@@ -28,7 +28,7 @@ from builder.index import faiss_gpus, file_sha256, is_fastscan
 from builder.manifest import load_manifest, require_index_shards
 from builder.rows import iter_range
 from builder.storage import Storage, normalize_uri
-from retriever.merge import normalize_missing, worst
+from retriever.merge import exact_distances, normalize_missing
 
 log = logging.getLogger(__name__)
 GPU_MAX_K = 2048          # faiss GPU's limit on k (and nprobe)
@@ -175,14 +175,11 @@ class ShardServer:
                 "ray_version": ray.__version__, "pid": os.getpid(), "load_seconds": round(self.load_seconds, 2),
                 "max_k": self.max_k}
 
-    def search(self, q: np.ndarray, k: int, nprobe: int, rerank: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(dist (n, k) float32, global ids (n, k) int64, values (n, k) int32), best first."""
+    def search(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dist (n, k) float32, global ids (n, k) int64, values (n, k) int32), best first (approximate
+        distances, as the index computes them)."""
         import faiss
         q = check_request(q, self.dim, k, nprobe, self.max_k)
-        if rerank and not self.rerank_enabled:
-            raise RequestError(f"re-ranking was asked of index shard {self.shard}, whose server was started without "
-                               "it: start the servers with `knnlm serve --rerank`")
         params = faiss.SearchParametersIVF(nprobe=int(nprobe))
         faiss.omp_set_num_threads(self.threads)
         d, ids = self.index.search(q, int(k), params=params)                # (n, k) float32, int64 global ids
@@ -191,29 +188,30 @@ class ShardServer:
         ok = ids >= 0
         values = np.full(ids.shape, -1, np.int32)
         values[ok] = self.values[local[ok]]
-        if rerank:
-            d, ids, values = self._rerank(q, d, ids, values)
         return d, ids, values
 
-    def _rerank(self, q, d, ids, values):
-        """Exact distances of each row's candidates, re-sorted (rows in chunks: memory stays bounded)."""
-        n, k = ids.shape
-        exact = np.full((n, k), worst(self.metric), np.float32)
-        rows = max(1, RERANK_CHUNK_BYTES // max(1, k * self.dim * 4))
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            sel = ids[a:b] >= 0
-            local = np.where(sel, ids[a:b] - self.first_id, 0)
-            cand = np.asarray(self.keys[local.ravel()], dtype=np.float32).reshape(b - a, k, self.dim)  # (r, k, d)
-            qq = q[a:b, None, :]                                                                       # (r, 1, d)
-            if self.metric == "l2":
-                e = ((cand - qq) ** 2).sum(-1)
-            else:
-                e = (cand * qq).sum(-1)
-            exact[a:b][sel] = e[sel]
-        order = np.argsort(exact if self.metric == "l2" else -exact, axis=1, kind="stable")
-        return (np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1),
-                np.take_along_axis(values, order, 1))
+    def exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact distances (n, m) float32 of queries q (n, dim) to the keys of global ids (n, m) that
+        lie in this shard's range, computed from the fp16 keys in float32 (`exact_distances`: the
+        same bits on every server); NaN for the other ids (another shard's, or -1).
+
+        The router sends every shard that owns candidates the same (n, m) id matrix of the merged
+        approximate top-k, and takes from each the entries of its range."""
+        if not self.rerank_enabled:
+            raise RequestError(f"re-ranking was asked of index shard {self.shard}, whose server was started without "
+                               "it: start the servers with `knnlm serve --rerank`")
+        q = check_request(q, self.dim, 1, 1)
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or ids.shape[0] != q.shape[0] or not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError(f"ids must be an integer array of shape ({q.shape[0]}, m), got {ids.dtype} {ids.shape}")
+        out = np.full(ids.shape, np.nan, np.float32)
+        rows, cols = np.nonzero((ids >= self.first_id) & (ids < self.first_id + self.num_ids))   # (p,) pairs
+        step = max(1, RERANK_CHUNK_BYTES // (self.dim * 4 * 3))       # keys, queries, differences: bounded
+        for a in range(0, len(rows), step):
+            r, c = rows[a:a + step], cols[a:a + step]
+            keys = np.asarray(self.keys[ids[r, c] - self.first_id], dtype=np.float32)   # (p', dim)
+            out[r, c] = exact_distances(q[r], keys, self.metric)
+        return out
 
 
 class IndexServerImpl:
@@ -230,5 +228,8 @@ class IndexServerImpl:
     def info(self) -> dict:
         return self.core.info() | {"replica": self.replica}
 
-    def search(self, q: np.ndarray, k: int, nprobe: int, rerank: bool = False):
-        return self.core.search(q, k, nprobe, rerank)
+    def search(self, q: np.ndarray, k: int, nprobe: int):
+        return self.core.search(q, k, nprobe)
+
+    def exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.core.exact(q, ids)

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
           f"nprobe {a.nprobe}")
     print(f"{'setting':<44} {'valid ppl':>10} {'test ppl':>10}")
     print(f"{'base LM':<44} {p['valid']['base_ppl']:>10.2f} {p['test']['base_ppl']:>10.2f}")
-    print(f"{'kNN-LM, paper (λ=0.25, T=1, k=1024)':<44} {p['valid']['knnlm_ppl']:>10.2f} {p['test']['knnlm_ppl']:>10.2f}")
+    paper = f"kNN-LM, paper (λ=0.25, T=1, k={a.k})"
+    print(f"{paper:<44} {p['valid']['knnlm_ppl']:>10.2f} {p['test']['knnlm_ppl']:>10.2f}")
     lab = f"kNN-LM, tuned (λ={tu['lambda']:g}, T={tu['temperature']:g}, k={tu['k']})"
     print(f"{lab:<44} {tu['valid_ppl']:>10.2f} {t['ivfpq']['knnlm_ppl']:>10.2f}")
     print(f"{'  + exact re-rank':<44} {'':>10} {t['exact_rerank']['knnlm_ppl']:>10.2f}")

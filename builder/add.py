@@ -27,7 +27,7 @@ import numpy as np
 from builder.config import AddConfig, ConfigError
 from builder.dispatch import dispatch, worker_lost
 from builder.faults import maybe_fault
-from builder.index import Encoder, file_sha256, is_fastscan, resolve_backend
+from builder.index import Encoder, IndexFileError, file_sha256, is_fastscan, read_index_file, resolve_backend
 from builder.key_shards import ShardError
 from builder.layout import (
     ADD_REQUEST,
@@ -35,13 +35,14 @@ from builder.layout import (
     INDEX_LEASE,
     INDEX_RECORDS_DIR,
     INDEX_SHARDS_DIR,
+    MANIFEST,
     MERGED_INDEX,
     MERGED_IVFDATA,
     index_shard_path,
     index_shard_record_path,
 )
 from builder.lease import Lease
-from builder.manifest import Manifest, ManifestError, load_manifest, write_manifest
+from builder.manifest import Manifest, ManifestError, load_manifest, parse_manifest, write_manifest
 from builder.rows import iter_key_range
 from builder.runtime import cluster_resources, max_node_cpus, ray_session, unwrap_task_error
 from builder.storage import NotFound, Storage, StorageError
@@ -97,12 +98,17 @@ def encode_range(storage: Storage, m: Manifest, trained, first: int, num: int, b
 
 
 def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str, device: str,
-              threads: int | None) -> dict:
-    """Encode shard i of n, write its file then its commit record; return the record."""
+              threads: int | None, manifest_path: str = MANIFEST, path: str | None = None,
+              record_path: str | None = None) -> dict:
+    """Encode shard i of n, write its file then its commit record; return the record.
+
+    The keys are those `manifest_path` lists (an ingestion's staged manifest, builder/ingest.py, lists
+    keys not yet published); the file and record go to `path` and `record_path` (default: `knnlm add`'s)."""
     import faiss
     t0 = time.perf_counter()
     storage = Storage.from_uri(root_uri)
-    m = load_manifest(storage)
+    m = (load_manifest(storage) if manifest_path == MANIFEST
+         else parse_manifest(storage.read_bytes(manifest_path), storage.url(manifest_path)))
     trained = load_trained_index(storage, m)
     backend, device = resolve_backend(backend, device, "--encoder", is_fastscan(trained))
     if threads:
@@ -112,7 +118,7 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
             torch.set_num_threads(threads)
     maybe_fault("add", i)
     index = encode_range(storage, m, trained, first, num, backend, device)
-    path = index_shard_path(i, n)
+    path = path or index_shard_path(i, n)
     # written to a local file and streamed up, not serialized in memory: a bytes copy of the shard
     # next to the index doubled the task's peak (bench_scale.py)
     with tempfile.TemporaryDirectory(prefix="knnlm-add-") as tmp:
@@ -124,7 +130,7 @@ def add_shard(root_uri: str, i: int, n: int, first: int, num: int, backend: str,
     rec = {"shard": i, "path": path, "first_id": first, "num_ids": num, "bytes": nbytes, "checksum": digest,
            "index_checksum": m.index["checksum"], "encoder": backend, "device": device,
            "seconds": round(time.perf_counter() - t0, 3)}
-    storage.write_text(index_shard_record_path(i), json.dumps(rec))
+    storage.write_text(record_path or index_shard_record_path(i), json.dumps(rec))
     log.info("index shard %d/%d: %d ids in %.1fs (%.0f vectors/s)", i + 1, n, num, rec["seconds"],
              num / max(rec["seconds"], 1e-9))
     return rec
@@ -206,7 +212,7 @@ def add_stage(cfg: AddConfig) -> AddResult:
         ids_added = 0
         if pending:
             with ray_session(cfg.address):
-                ids_added = _run_tasks(cfg, storage, lease, ranges, pending, records, fastscan)
+                ids_added = run_add_tasks(cfg, storage, lease, ranges, pending, records, fastscan)
         shards = [{k: records[i][k] for k in ("path", "first_id", "num_ids", "bytes", "checksum")}
                   for i in range(len(ranges))]
         if sum(s["num_ids"] for s in shards) != m.num_keys:
@@ -260,8 +266,10 @@ def _resume(storage: Storage, m: Manifest, want: dict, force: bool) -> dict[int,
     return records
 
 
-def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pending: list[int],
-               records: dict[int, dict], fastscan: bool = False) -> int:
+def run_add_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pending: list[int],
+               records: dict[int, dict], fastscan: bool = False, paths: dict[int, dict] | None = None) -> int:
+    """Run the add tasks of the `pending` shards; `paths` (shard → add_shard's manifest_path, path,
+    record_path) when they are not `knnlm add`'s (an ingestion's)."""
     import ray
 
     cpus, gpus = cluster_resources()
@@ -290,15 +298,21 @@ def _run_tasks(cfg: AddConfig, storage: Storage, lease: Lease, ranges: list, pen
                  f"{added / max(el, 1e-9):,.0f}")
 
     def fail(i: int, e: BaseException) -> IndexBuildError:
-        if worker_lost(e):  # Ray's retries are spent
-            return IndexBuildError(f"index shard {i} ({storage.url(index_shard_path(i, n))}): its worker died "
-                                   f"{cfg.max_retries + 1} times ({type(e).__name__}); rerun to resume")
+        if worker_lost(e):  # Ray's retries are spent, max_dispatches times
+            where = (paths or {}).get(i, {}).get("path") or index_shard_path(i, n)
+            return IndexBuildError(f"index shard {i} ({storage.url(where)}): its worker died "
+                                   f"{cfg.max_dispatches * (cfg.max_retries + 1)} times ({type(e).__name__}); "
+                                   "rerun to resume")
         return _unwrap(e, f"index shard {i} (ids {ranges[i][0]}..{sum(ranges[i]) - 1})")
 
-    # `workers` tasks at a time; a killed task is retried by Ray (max_retries), not here
+    # `workers` tasks at a time; a killed task is retried by Ray (max_retries), then dispatched again here
+    # (max_dispatches): a long run on a preemptible cluster loses many workers, and a shard's task may lose
+    # several; only a lost worker is dispatched again, never a task that failed by itself
     dispatch(pending, lambda i, _w: task.remote(storage.uri, i, n, ranges[i][0], ranges[i][1], cfg.encoder, device,
-                                                threads),
-             done, fail, workers=workers, lease=lease)
+                                                threads, **(paths or {}).get(i, {})),
+             done, fail, workers=workers, lease=lease, max_attempts=cfg.max_dispatches,
+             retryable=worker_lost, what=lambda i: f"shard {i}",
+             name="add task")
     return added
 
 
@@ -322,7 +336,12 @@ def merge_shards(storage: Storage, m: Manifest, lease: Lease | None = None) -> d
                 raise IndexBuildError(f"{storage.url(s['path'])} does not match its manifest checksum: rerun "
                                       f"`knnlm add {storage.uri} --force`")
         ivfdata = os.path.join(tmp, os.path.basename(MERGED_IVFDATA))
-        merge_ondisk(trained, names, ivfdata)                     # mmaps the shards, writes the lists
+        try:
+            merge_ondisk(trained, names, ivfdata)                 # mmaps the shards, writes the lists
+        except RuntimeError as e:
+            msg = (str(e).split("Error:", 1)[-1].strip().splitlines() or [""])[0][:200]
+            raise IndexFileError(f"{storage.uri}: an index shard is not a readable FAISS index ({msg}); run "
+                                 f"`knnlm verify {storage.uri}`") from None
         for name in names:
             os.remove(name)
         if trained.ntotal != m.num_keys:
@@ -383,4 +402,4 @@ def load_merged_index(storage: Storage, m: Manifest, local_dir: str):
         storage.download_file(m.index_merged[key], paths[key])
         if file_sha256(paths[key]) != m.index_merged[ck]:
             raise IndexBuildError(f"{storage.url(m.index_merged[key])} does not match its manifest checksum")
-    return faiss.read_index(paths["path"], faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return read_index_file(paths["path"], faiss.IO_FLAG_ONDISK_SAME_DIR, storage.url(m.index_merged["path"]))

@@ -35,8 +35,8 @@ from builder.lease import Lease
 from builder.manifest import Manifest, compare_identity, load_manifest
 from builder.model_dir import config_dtype
 from builder.modelinfo import ModelInfo, config_max_positions, inspect_model, resolve_model_dir
-from builder.runtime import cluster_resources, max_node_cpus, ray_session
-from builder.storage import NotFound, Storage, expand_inputs
+from builder.runtime import check_reachable, cluster_resources, max_node_cpus, ray_session
+from builder.storage import NotFound, Storage, StorageError, expand_inputs
 from builder.unit import Unit, plan_units
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,12 @@ def _explicit_dtype(cfg: BuildConfig) -> str | None:
     return None
 
 
-def build(cfg: BuildConfig) -> BuildResult:
+def build(cfg: BuildConfig, lease: Lease | None = None, doc_offset: int = 0) -> BuildResult:
     """Run (or resume) a build. Raises BuildError with an actionable message on bad input.
+
+    An ingestion (builder/ingest.py) runs a build rooted at its own folder under the datastore with
+    `lease`, the datastore's build lease it holds (none is taken or released here), and `doc_offset`,
+    added to every row's `doc` (the datastore's documents, or input files in stream mode, before it).
 
     Start-up is overlapped: the model is inspected (config, tokenizer, weight hash) while
     Ray starts, and the key workers load the model while the driver takes the lease and
@@ -98,8 +102,13 @@ def build(cfg: BuildConfig) -> BuildResult:
         model_dir = resolve_model_dir(cfg.model)
         # from config.json alone (no torch import): flag errors before anything is written
         window, min_context = cfg.resolve_window(config_max_positions(model_dir))
+        if cfg.address:
+            check_reachable(cfg.address)   # before --out is touched
         storage = Storage.from_uri(cfg.out)
-        finished = storage.exists(MANIFEST)
+        try:
+            finished = storage.exists(MANIFEST)
+        except StorageError as e:
+            raise StorageError(f"--out {cfg.out}: {e}") from None
         if not finished:
             storage.check_writable()
     except USER_ERRORS as e:
@@ -130,30 +139,31 @@ def build(cfg: BuildConfig) -> BuildResult:
             compute_dtype = (cfg.compute_dtype if cfg.compute_dtype != "auto"
                              else default_compute_dtype(use_cuda, config_dtype(model_dir)))
             actors = []
-            lease = None
+            own_lease = lease is None
             try:
                 actors = start_workers(cfg, storage, model_dir, use_cuda, cpus, max_node_cpus(), gpus,
                                        compute_dtype)
                 info = inspecting.result()
                 ident = _identity(cfg, info, window, min_context, inputs, compute_dtype)
                 marks["model_inspected"] = time.perf_counter() - t0
-                lease = Lease(storage, cfg.lease_ttl)
-                lease.acquire()
+                if own_lease:
+                    lease = Lease(storage, cfg.lease_ttl)
+                    lease.acquire()
                 marks["lease"] = time.perf_counter() - t0
                 return _build_locked(cfg, storage, lease, actors, info, ident, inputs, formats, window,
-                                     min_context, use_cuda, compute_dtype, marks)
+                                     min_context, use_cuda, compute_dtype, marks, doc_offset)
             except USER_ERRORS as e:
                 raise BuildError(str(e)) from None
             finally:
                 for a in actors:
                     ray.kill(a)
-                if lease is not None:
+                if own_lease and lease is not None:
                     lease.release()
 
 
 def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: ModelInfo, ident: dict,
                   inputs: list[str], formats: list[str], window: int, min_context: int, use_cuda: bool,
-                  compute_dtype: str, marks: dict) -> BuildResult:
+                  compute_dtype: str, marks: dict, doc_offset: int = 0) -> BuildResult:
     try:
         have = json.loads(storage.read_text(BUILD_REQUEST))
         compare_identity(have, ident, storage.uri + " (an unfinished build)")
@@ -194,7 +204,7 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     def params(u: Unit) -> dict:  # builder.unit.UnitParams
         return dict(window=window, min_context=min_context, mode=cfg.mode, batch_size=cfg.batch_size,
                     shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows, file_uri=inputs[u.file],
-                    doc_base=doc_base[u.file] if cfg.mode == "document" else u.file, pad_id=0,
+                    doc_base=doc_offset + (doc_base[u.file] if cfg.mode == "document" else u.file), pad_id=0,
                     writer_threads=4 if use_cuda else 1)
 
     # ---- keys -----------------------------------------------------------------------------

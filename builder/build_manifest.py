@@ -12,6 +12,7 @@ import time
 from builder.build_errors import BuildError
 from builder.config import BuildConfig
 from builder.corpus import count_targets
+from builder.faults import maybe_fault
 from builder.key_shards import SHARD_FORMAT
 from builder.layout import BUILD_REQUEST, KEY_SHARDS_DIR, MANIFEST, UNITS_DIR, unit_record_path
 from builder.lease import Lease
@@ -71,7 +72,9 @@ def assemble_manifest(cfg: BuildConfig, info: ModelInfo, ident: dict, metas: lis
 def commit_manifest(storage: Storage, lease: Lease, manifest: Manifest) -> None:
     """Write manifest.json (fenced by the lease), then drop what only an unfinished build needs."""
     lease.check()  # fencing: only the lease holder commits
+    maybe_fault("commit", 0)      # tests: the driver dies just before the manifest is written
     storage.write_text(MANIFEST, manifest.to_json())
+    maybe_fault("commit", 1)      # tests: ... just after it, before the clean-up below
     # the manifest is the truth now: drop progress records and shards no manifest lists
     listed = {s["path"] for s in manifest.shards}
     for p in storage.list(KEY_SHARDS_DIR):

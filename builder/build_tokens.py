@@ -1,21 +1,27 @@
 """The build's tokenize stage: each input file → tokens/<i>.bin (int32 LE) + tokens/<i>.json (its meta).
 
 A resumed build reuses the files an earlier run tokenized (refusing an input whose size changed
-since); the rest run as Ray tasks, or on the driver for a small local corpus.
+since); the rest run as Ray tasks, or on the driver for a small local corpus. A file larger than
+corpus_ranges.RANGE_BYTES is cut into ranges (builder/corpus_ranges.py) tokenized by parallel tasks,
+each into tokens/<i>.part-<k>.bin + .json (a rerun keeps the finished ones); the driver then joins
+them into tokens/<i>.bin without reading them (Storage.compose) and writes tokens/<i>.json last.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 
 from builder.build_errors import BuildError, unwrap
-from builder.corpus import tokenize_file
+from builder.corpus import detect_format, tokenize_file
+from builder.corpus_ranges import Source, chunk_grid, join_parts, tokenize_range
 from builder.dispatch import dispatch
-from builder.layout import tokens_meta_path, tokens_path
+from builder.layout import tokens_meta_path, tokens_part_meta_path, tokens_part_path, tokens_path
 from builder.lease import Lease
 from builder.modelinfo import ModelInfo
-from builder.storage import NotFound, Storage, is_s3, local_path, read_uri, size_uri
+from builder.storage import NotFound, Storage, is_s3, local_path, read_uri, read_uri_range, size_uri
 
 log = logging.getLogger(__name__)
 DRIVER_TOKENIZE_BYTES = 32 << 20  # a local corpus this small is tokenized on the driver
@@ -24,16 +30,77 @@ DRIVER_TOKENIZE_BYTES = 32 << 20  # a local corpus this small is tokenized on th
 def tokenize_input(file_index: int, uri: str, fmt: str, mode: str, text_field: str, tokenizer_path: str,
                    root_uri: str) -> dict:
     """Tokenize one input file and commit tokens/<i>.bin then tokens/<i>.json; return the meta."""
-    from transformers import AutoTokenizer
-
     storage = Storage.from_uri(root_uri)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    tok.model_max_length = 1 << 60  # sequences are windowed later; silence the length warning
+    tok = _tokenizer(tokenizer_path)
+    size = size_uri(uri)
+    bounds, ranges = chunk_grid(uri, size, detect_format(uri, fmt), mode) if tok.is_fast else ([0, size], [(0, 1)])
+    if len(ranges) > 1:                 # a large file: its ranges one after the other, here
+        parts = [tokenize_part(file_index, k, uri, fmt, mode, text_field, tokenizer_path, root_uri, bounds, j0, j1,
+                               tok) for k, (j0, j1) in enumerate(ranges)]
+        return finish_ranged(storage, file_index, uri, fmt, mode, parts, hash_input(uri, size), size)
     tf = tokenize_file(read_uri(uri), uri, fmt, mode, tok, text_field)
     storage.write_bytes(tokens_path(file_index), tf.tokens.astype("<i4").tobytes())
     meta = tf.meta()
     meta["tokens"] = tokens_path(file_index)
+    meta["ranges"] = 1
     storage.write_text(tokens_meta_path(file_index), json.dumps(meta))
+    return meta
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 60  # sequences are windowed later; silence the length warning
+    return tok
+
+
+def tokenize_part(file_index: int, k: int, uri: str, fmt: str, mode: str, text_field: str, tokenizer_path: str,
+                  root_uri: str, bounds: list[int], j0: int, j1: int, tok=None) -> dict:
+    """Range k (chunks [j0, j1) of `bounds`) of a large input → tokens/<i>.part-<k>.bin, then its .json;
+    a part an earlier run finished (same byte range) is kept. Returns the part's meta."""
+    storage = Storage.from_uri(root_uri)
+    try:
+        part = json.loads(storage.read_text(tokens_part_meta_path(file_index, k)))
+        if (part["start"], part["end"]) == (bounds[j0], bounds[j1]):
+            return part
+    except NotFound:
+        pass
+    tok = tok or _tokenizer(tokenizer_path)
+    if not tok.is_fast:
+        raise BuildError(f"--corpus {uri}: tokenizing a file in ranges needs a fast tokenizer; {tokenizer_path} "
+                         "has none")
+    src = Source(uri, bounds[-1], detect_format(uri, fmt), tok, text_field)
+    with tempfile.NamedTemporaryFile(prefix="knnlm-tokens-") as f:
+        part = tokenize_range(src, mode, bounds, j0, j1, f)
+        f.flush()
+        storage.upload_file(tokens_part_path(file_index, k), f.name)
+    storage.write_text(tokens_part_meta_path(file_index, k), json.dumps(part))
+    return part
+
+
+def hash_input(uri: str, size: int, block: int = 8 << 20) -> str:
+    """sha256 of an input object, read in blocks."""
+    h = hashlib.sha256()
+    for s in range(0, size, block):
+        h.update(read_uri_range(uri, s, min(size, s + block)))
+    return "sha256:" + h.hexdigest()
+
+
+def finish_ranged(storage: Storage, file_index: int, uri: str, fmt: str, mode: str, parts: list[dict], sha256: str,
+                  size: int) -> dict:
+    """Join the parts of a large input into tokens/<i>.bin (Storage.compose: never in one process's
+    memory), write tokens/<i>.json (last: the commit), then remove the parts."""
+    tail, use = join_parts(parts, uri, detect_format(uri, fmt), mode)
+    storage.compose(tokens_path(file_index),
+                    [(tokens_part_path(file_index, k), 0, 4 * parts[k]["num_tokens"]) for k in use])
+    meta = {"uri": uri, "format": tail.pop("format"), "bytes": size, "sha256": sha256, **tail,
+            "tokens": tokens_path(file_index)}
+    meta["ranges"] = meta.pop("ranges")
+    storage.write_text(tokens_meta_path(file_index), json.dumps(meta))
+    for k in range(len(parts)):
+        for rel in (tokens_part_path(file_index, k), tokens_part_meta_path(file_index, k)):
+            storage.delete(rel)
+    log.info("%s: %d tokens from %d ranges", uri, meta["num_tokens"], len(parts))
     return meta
 
 
@@ -70,13 +137,42 @@ def _tokenize(cfg, storage, lease, info, inputs, formats, todo, metas) -> None:
         for i in todo:
             metas[i] = tokenize_input(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri)
         return
-    log.info("tokenizing %d input files on Ray workers", len(todo))
-    task = ray.remote(num_cpus=1, max_retries=2)(tokenize_input)
+    task = ray.remote(num_cpus=1, max_retries=10)                    # a lost worker (preempted node): run again
+    whole, part, digest = task(tokenize_input), task(tokenize_part), task(hash_input)
+    items, plans, got = [], {}, {}
+    for i in todo:                  # a large file: its ranges and its hash; a file no larger than a range: one task
+        fmt = detect_format(inputs[i], formats[i])
+        size = size_uri(inputs[i])
+        bounds, ranges = chunk_grid(inputs[i], size, fmt, cfg.mode)
+        if len(ranges) == 1:
+            items.append((i, "file", 0))
+            continue
+        plans[i] = (bounds, ranges, size)
+        items += [(i, "part", k) for k in range(len(ranges))] + [(i, "hash", 0)]
+        got[i] = {}
+    log.info("tokenizing %d input files on Ray workers (%d tasks)", len(todo), len(items))
 
-    def done(i: int, meta: dict) -> None:
-        metas[i] = meta
+    def submit(item, _w):
+        i, kind, k = item
+        args = (inputs[i], formats[i], cfg.mode, cfg.text_field, info.path, storage.uri)
+        if kind == "file":
+            return whole.remote(i, *args)
+        bounds, ranges, size = plans[i]
+        if kind == "hash":
+            return digest.remote(inputs[i], size)
+        return part.remote(i, k, *args, bounds, *ranges[k])
 
-    # all files at once (Ray queues them on its CPUs); a killed task is retried by Ray
-    dispatch(todo, lambda i, _w: task.remote(i, inputs[i], formats[i], cfg.mode, cfg.text_field, info.path,
-                                             storage.uri),
-             done, lambda i, e: unwrap(e, f"tokenizing {inputs[i]}"), workers=len(todo), lease=lease)
+    def done(item, result) -> None:
+        i, kind, k = item
+        if kind == "file":
+            metas[i] = result
+            return
+        got[i][(kind, k)] = result
+        _, ranges, size = plans[i]
+        if len(got[i]) == len(ranges) + 1:          # every range and the hash: join them
+            metas[i] = finish_ranged(storage, i, inputs[i], formats[i], cfg.mode,
+                                     [got[i][("part", k)] for k in range(len(ranges))], got[i][("hash", 0)], size)
+
+    # all tasks at once (Ray queues them on its CPUs); a killed task is retried by Ray
+    dispatch(items, submit, done, lambda it, e: unwrap(e, f"tokenizing {inputs[it[0]]}"), workers=len(items),
+             lease=lease)

@@ -3,6 +3,7 @@
 default, choices, help; see builder/options.py)."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from builder.errors import KnnlmError
@@ -193,7 +194,8 @@ class AddConfig:
                                   "(index/merged.faiss + index/merged.ivfdata) for single-node serving")
     force: bool = opt(False, file=False, help="rebuild the shards even if others exist")
     lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("run"))
-    max_retries: int = opt(3, flag=False, file=False)     # a killed add task is redone this many times
+    max_retries: int = opt(3, flag=False, file=False)     # a killed add task is redone this many times by Ray,
+    max_dispatches: int = opt(25, flag=False, file=False)  # and then dispatched again, up to this many times in all
 
     DEFAULT_SHARD_SIZE = DEFAULT_SHARD_SIZE
 
@@ -214,6 +216,58 @@ class AddConfig:
             raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
 
 
+NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+
+
+@dataclass
+class IngestConfig:
+    """`knnlm ingest`: a new corpus into a finished datastore, as its next version (builder/ingest.py)."""
+    datastore: str = opt(**DATASTORE, help="a finished datastore root (local path or s3://)")
+    corpus: list[str] = opt(flag="--corpus", metavar="PATH_OR_URI",
+                            help="the new input files, directories, globs or s3:// URIs, in corpus order")
+    name: str = opt(help="the ingestion's name (letters, digits, . _ -; at most 64): it is done once per name, "
+                         "a rerun resumes or does nothing")
+    model: str | None = opt(None, help="the datastore's model (its weights must match the manifest's sha256)",
+                            default_text="the path or name the manifest records")
+    format: str | None = opt(None, choices=FORMATS, help="format of the new corpus, as build's --format",
+                             default_text="the datastore's --format")
+    text_field: str = opt("text", help="JSONL field / Parquet column holding the text")
+    workers: int | None = opt(None, help="key workers",
+                              default_text="one per GPU of the cluster, else one CPU worker using all cores")
+    device: str = opt("auto", choices=DEVICES, help="device of the key workers and of the encoding")
+    batch_size: int = opt(8, help="windows per forward pass")
+    index_shards: int | None = opt(None, metavar="N", group="ranges", file="shards",
+                                   help="N near-equal id ranges for the new keys' index shards")
+    shard_size: int | None = opt(None, metavar="ROWS", group="ranges", help="index shards of ROWS new ids",
+                                 default_text="the mean size of the existing index shards")
+    readd: bool = opt(False, help="ingest a file that a recorded `knnlm remove` took out (refused otherwise)")
+    address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("ingestion"))
+    progress: bool = opt(True, flag="--no-progress", file=False, help="no progress bar")
+
+    def __post_init__(self):
+        if not self.datastore:
+            raise ConfigError("DATASTORE_URI is required")
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if not self.corpus:
+            raise ConfigError("--corpus: at least one path or URI is required")
+        if not isinstance(self.name, str) or not re.fullmatch(NAME_PATTERN, self.name):
+            raise ConfigError(f"--name {self.name!r}: use 1 to 64 letters, digits, '.', '_' or '-'")
+        if self.format is not None and self.format not in FORMATS:
+            raise ConfigError(f"--format: unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.index_shards is not None and self.shard_size is not None:
+            raise ConfigError("give --index-shards or --shard-size, not both")
+        for flag, v in (("--batch-size", self.batch_size), ("--workers", self.workers),
+                        ("--index-shards", self.index_shards), ("--shard-size", self.shard_size)):
+            if v is not None:
+                _positive(flag, v)
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
+
+
 @dataclass
 class InfoConfig:
     """`knnlm info`: a datastore's manifest summary."""
@@ -226,3 +280,66 @@ class VerifyConfig:
     """`knnlm verify`: every shard and index file against the manifest."""
     datastore: str = opt(**DATASTORE)
     threads: int = opt(8, file=False, help="shards read in parallel")
+
+
+def parse_docs(specs: list[str]) -> list[int]:
+    """--docs "3 5 10-12" (or several arguments, commas allowed) → sorted distinct document indices."""
+    out: set[int] = set()
+    for spec in specs:
+        for part in str(spec).replace(",", " ").split():
+            a, sep, b = part.partition("-")
+            try:
+                lo, hi = int(a), int(b) if sep else int(a)
+            except ValueError:
+                raise ConfigError(f"--docs: {part!r} is not a document index or a range like 10-12") from None
+            if lo < 0 or hi < lo:
+                raise ConfigError(f"--docs: {part!r} is not a document index or an increasing range like 10-12")
+            out.update(range(lo, hi + 1))
+    if not out:
+        raise ConfigError("--docs: at least one document index is required")
+    return sorted(out)
+
+
+@dataclass
+class RemoveConfig:
+    """`knnlm remove`: take documents out of a datastore (a new version whose servers never return their ids)."""
+    datastore: str = opt(**DATASTORE)
+    source: list[str] | None = opt(None, metavar="PATH_OR_URI", group="what",
+                                   help="input files to remove, as given to --corpus (path or URI)")
+    docs: list[str] | None = opt(None, metavar="INDICES", group="what", argparse_kw={"nargs": "+"},
+                                 help='document indices (stream mode: input file indices), e.g. "3 5 10-12"')
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("run"))
+
+    def __post_init__(self):
+        if not self.datastore:
+            raise ConfigError("DATASTORE_URI is required")
+        if isinstance(self.source, str):
+            self.source = [self.source]
+        if (self.source is None) == (self.docs is None):
+            raise ConfigError("give --source or --docs (one of them)")
+        if self.source is not None and not self.source:
+            raise ConfigError("--source: at least one path or URI is required")
+        if self.docs is not None:
+            self.docs = parse_docs([self.docs] if isinstance(self.docs, (str, int)) else self.docs)
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")
+
+
+@dataclass
+class CompactConfig:
+    """`knnlm compact`: rewrite the shards without the removed keys, renumbering ids from 0."""
+    datastore: str = opt(**DATASTORE)
+    address: str | None = opt(None, file=False, help=ADDRESS_HELP, default_text="start an embedded local Ray")
+    workers: int | None = opt(None, help="concurrent index re-encoding tasks", default_text="one per node")
+    threads: int | None = opt(None, help="CPU cores per re-encoding task",
+                              default_text="a node's cores shared by the tasks on it")
+    lease_ttl: float = opt(60.0, file=False, help=LEASE_TTL_HELP.format("run"))
+
+    def __post_init__(self):
+        if not self.datastore:
+            raise ConfigError("DATASTORE_URI is required")
+        for flag, v in (("--workers", self.workers), ("--threads", self.threads)):
+            if v is not None:
+                _positive(flag, v)
+        if self.lease_ttl <= 0:
+            raise ConfigError(f"--lease-ttl must be positive (got {self.lease_ttl})")

@@ -3,7 +3,7 @@
     build      key worker actors over units, 2 per worker; the driver redoes a dead worker's unit
     tokenize   one task per input file, all at once
     add        `add_shard` tasks over id ranges, `--workers` at a time (Ray retries a killed task)
-    eval       LM worker actors over chunks, 1 per worker (Ray retries the call on the restarted actor)
+    eval       LM worker actors over chunks, 1 per worker; the driver redoes a dead worker's chunk
 
 `dispatch` gives each of `workers` workers at most `depth` calls at a time (one running, the rest
 queued behind it), the least loaded first, and hands each result to `on_done` in completion order.
@@ -63,10 +63,12 @@ def dispatch(items: Iterable[T], submit: Callable[[T, int], Ref], on_done: Calla
              fail: Callable[[T, BaseException], Exception], *, workers: int, depth: int = 1,
              max_attempts: int = 1, revive: Callable[[int, BaseException], Ref | None] | None = None,
              lease: Lease | None = None, progress: Callable[[list[int]], None] | None = None,
-             name: str = "worker", what: Callable[[T], str] = str) -> None:
+             name: str = "worker", what: Callable[[T], str] = str,
+             retryable: Callable[[BaseException], bool] = transient) -> None:
     """Run `submit(item, worker index) -> ObjectRef` for every item (see the module docstring).
 
-    At most workers × depth calls are in flight. `name` and `what(item)` word the log lines
+    At most workers × depth calls are in flight; `retryable` (default `transient`) says which failures
+    get another attempt. `name` and `what(item)` word the log lines
     ("key worker 1 died during unit 7 ...")."""
     import ray
 
@@ -123,7 +125,7 @@ def dispatch(items: Iterable[T], submit: Callable[[T, int], Ref], on_done: Calla
                         down(w, e)
                         continue
                     attempts[id(item)] += 1
-                    if transient(e) and attempts[id(item)] < max_attempts:
+                    if retryable(e) and attempts[id(item)] < max_attempts:
                         log.warning("%s failed on %s %d (%s); retrying (attempt %d of %d)", what(item), name, w,
                                     type(e).__name__, attempts[id(item)] + 1, max_attempts)
                         queue.appendleft(item)

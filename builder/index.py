@@ -24,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from builder.config import METRICS, TRAINERS, ConfigError
+from builder.errors import KnnlmError
 from builder.torch_encoder import TorchEncoder
 from builder.torch_train import train_index_torch
 
@@ -305,9 +306,31 @@ def index_to_bytes(index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def index_from_bytes(data: bytes):
+class IndexFileError(KnnlmError, ValueError):
+    """A file that faiss cannot read as an index (corrupted, replaced, another format). Index files are
+    only ever parsed by faiss (never unpickled), after their manifest checksum was checked."""
+
+
+def _unreadable(name: str, e: Exception) -> IndexFileError:
+    msg = (str(e).split("Error:", 1)[-1].strip().splitlines() or [""])[0][:200]
+    return IndexFileError(f"{name}: not a readable FAISS index ({msg}); run `knnlm verify` on its datastore")
+
+
+def index_from_bytes(data: bytes, name: str = "index"):
     import faiss
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise _unreadable(name, e) from None
+
+
+def read_index_file(path: str, flags: int = 0, name: str | None = None):
+    """faiss.read_index, its failure an IndexFileError naming `name` (the stored file) or `path`."""
+    import faiss
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        raise _unreadable(name or path, e) from None
 
 
 def file_sha256(path: str) -> str:

@@ -64,7 +64,8 @@ def encode_shard(keys: np.ndarray, values: np.ndarray, doc: np.ndarray, pos: np.
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=row_group_rows,
                    compression={"key": "none", "value": "zstd", "doc": "zstd", "pos": "zstd"},
-                   use_dictionary=["value", "doc", "pos"], write_statistics=["value", "doc", "pos"])
+                   use_dictionary=["value", "doc", "pos"], write_statistics=["value", "doc", "pos"],
+                   write_page_checksum=True)   # a CRC per page: a ranged read of a row group is checked too
     data = sink.getvalue()
     return data, checksum(data)
 
@@ -84,7 +85,7 @@ def decode_keys(col: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
 
 def read_shard(data: bytes, dim: int, columns: tuple[str, ...] = COLUMNS) -> dict[str, np.ndarray]:
     """Shard bytes → dict of numpy arrays (key as (n, dim) float16)."""
-    t = pq.read_table(pa.BufferReader(data), columns=list(columns))
+    t = pq.read_table(pa.BufferReader(data), columns=list(columns), page_checksum_verification=True)
     out = {}
     for c in columns:
         out[c] = decode_keys(t.column(c), dim) if c == "key" else t.column(c).to_numpy()
@@ -137,7 +138,10 @@ def _check_parquet(pf: pq.ParquetFile, storage, s: dict, dim: int) -> pq.Parquet
     meta = pf.metadata
     if meta.num_rows != s["num_rows"]:
         raise _shard_problem(storage, s, f"{meta.num_rows} rows, the manifest says {s['num_rows']}")
-    key_type = meta.schema.to_arrow_schema().field("key").type
+    try:
+        key_type = meta.schema.to_arrow_schema().field("key").type
+    except (KeyError, pa.ArrowException, OSError, ValueError) as e:
+        raise _shard_problem(storage, s, f"not a readable key shard ({type(e).__name__}: {e})") from None
     if key_type != pa.binary(2 * dim):
         raise _shard_problem(storage, s, f"key column is {key_type}, the manifest's dim {dim} needs "
                                          f"fixed_size_binary({2 * dim})")
@@ -148,7 +152,7 @@ def open_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
     """A shard's Parquet file for reading selected row groups (ranged reads on S3)."""
     try:
         f = storage.open_read(s["path"])
-        pf = pq.ParquetFile(pa.PythonFile(f, mode="r"))
+        pf = pq.ParquetFile(pa.PythonFile(f, mode="r"), page_checksum_verification=True)
     except NotFound:
         raise _shard_problem(storage, s, "missing") from None
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -165,7 +169,7 @@ def load_shard(storage, s: dict, dim: int) -> pq.ParquetFile:
     if checksum(data) != s["checksum"]:
         raise _shard_problem(storage, s, "checksum mismatch (corrupted or replaced)")
     try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
+        pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise _shard_problem(storage, s, f"not a readable Parquet file ({e})") from None
     return _check_parquet(pf, storage, s, dim)
@@ -180,7 +184,7 @@ def read_row_group(pf: pq.ParquetFile, storage, s: dict, group: int, expect_rows
                                          f"should hold {expect_rows} rows)")
     try:
         t = pf.read_row_group(group, columns=list(columns))
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, KeyError, ValueError) as e:
         raise _shard_problem(storage, s, f"row group {group} is unreadable ({e})") from None
     if columns == ("key",) and not as_dict:
         return decode_keys(t.column("key"), dim)

@@ -2,6 +2,7 @@
 
     manifest.json                    written last; lists every shard (builder/build_manifest.py)
     tokens/<file>.bin|.json          tokenized inputs (int32 LE tokens + sequence lengths)
+    tokens/<file>.part-<k>.bin|.json a large input's range k, until the join makes tokens/<file>.bin
     shards/<unit>-<part>.parquet     key shards (deterministic names)
     _build/request.json              the identity of the build in progress
     _build/units/<unit>.json         a unit's commit record (its shards, rows, checksums)
@@ -11,6 +12,11 @@
     index/merged.faiss|.ivfdata      --merge: one index over on-disk inverted lists
     _index/add.json, _index/shards/<i>.json, _index/lease.json   an unfinished add, its lease
     eval/<split>-neighbours/         the pipeline's neighbour caches (a cache's own files below)
+    versions/<v>.json                every published version's manifest (builder/versions.py)
+    ingest/<name>/                   an ingestion (`knnlm ingest --name`): its tokens/, shards/, _build/
+                                     (a build rooted there) and index/ shards; until it is published also
+                                     staged.json and _index/ (its add's request and shard records)
+    shards/v<v>/<unit>-<part>.parquet  key shards rewritten by the compaction that published version v
 
 Folders end with "/" (what Storage.list and delete_prefix take).
 """
@@ -32,6 +38,15 @@ def tokens_path(file_index: int) -> str:
 
 def tokens_meta_path(file_index: int) -> str:
     return f"tokens/{file_index:06d}.json"
+
+
+def tokens_part_path(file_index: int, part: int) -> str:
+    """A range of a large input file tokenized alone (builder/corpus_ranges.py), before the join."""
+    return f"tokens/{file_index:06d}.part-{part:05d}.bin"
+
+
+def tokens_part_meta_path(file_index: int, part: int) -> str:
+    return f"tokens/{file_index:06d}.part-{part:05d}.json"
 
 
 def key_shard_path(unit_id: int, part: int) -> str:
@@ -88,3 +103,48 @@ def neighbour_chunk_path(chunk: int) -> str:
 def neighbour_cache_dir(split: str) -> str:
     """The pipeline's neighbour cache of a tune split ("valid", "test") under the datastore root."""
     return f"eval/{split}-neighbours"
+
+
+# ---- versions (builder/versions.py, builder/ingest.py, builder/remove.py) ----
+VERSIONS_DIR = "versions/"
+INGEST_DIR = "ingest/"
+
+
+def version_path(version: int) -> str:
+    return f"versions/{version:06d}.json"
+
+
+def ingest_root(name: str) -> str:
+    """The folder of ingestion `name` (a build rooted there writes its tokens/, shards/ and _build/)."""
+    return f"ingest/{name}"
+
+
+def ingest_index_shard_path(name: str, i: int, n: int) -> str:
+    return f"ingest/{name}/index/{i:05d}-of-{n:05d}.faiss"
+
+
+def ingest_staged_path(name: str) -> str:
+    """An unfinished ingestion's combined manifest (the current version + its keys), read by its add tasks."""
+    return f"ingest/{name}/staged.json"
+
+
+def ingest_index_request_path(name: str) -> str:
+    """What an unfinished ingestion's index records were made for (base version, ranges, trained index)."""
+    return f"ingest/{name}/_index/request.json"
+
+
+def ingest_index_record_path(name: str, i: int) -> str:
+    return f"ingest/{name}/_index/shards/{i:05d}.json"
+
+
+def ingest_index_dir(name: str) -> str:
+    return f"ingest/{name}/index/"
+
+
+def compacted_shard_path(version: int, path: str) -> str:
+    """Where the compaction publishing `version` writes the rewritten key shard that was at `path`."""
+    return f"shards/v{version:06d}/{path.replace('/', '-')}"
+
+
+def compacted_index_shard_path(version: int, i: int, n: int) -> str:
+    return f"index/shards/v{version:06d}/{i:05d}-of-{n:05d}.faiss"

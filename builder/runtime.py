@@ -42,6 +42,7 @@ def connect_ray(address: str) -> None:
     to its workers (they need torch, faiss etc. installed). Errors say what to fix."""
     import ray
 
+    check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  # folders, not module objects: a job's runtime env is deep-copied to merge it, and modules
@@ -53,6 +54,23 @@ def connect_ray(address: str) -> None:
             raise ClusterError(f"--address {address}: the cluster runs another Ray version than this client "
                                f"(ray {ray.__version__}); install the cluster's version here: {msg}") from None
         raise ClusterError(f"--address {address}: cannot connect to the Ray cluster: {msg}") from None
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """A ClusterError at once when nothing listens at a HOST:PORT (or ray://HOST:PORT) address: ray.init
+    would otherwise wait a minute or more for a GCS that is not there. Other forms (auto, local) pass."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in hostport:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as e:
+        raise ClusterError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); "
+                           "start the cluster (`ray start --head`) or fix the address") from None
 
 
 def package_dirs() -> list[str]:

@@ -33,13 +33,17 @@ from builder.storage_base import (
     split_s3,
 )
 from builder.storage_local import LocalStorage
-from builder.storage_s3 import S3Storage, _s3_code, list_s3_objects, s3_client, with_retries
+from builder.storage_s3 import (S3Storage, get_object_checked, list_s3_objects, reset_clients, s3_client, s3_reason,
+                                s3_transfer_client, with_retries)
+from builder.storage_s3_compose import s3_compose
 
 __all__ = ["DuplicateInput", "InputError", "InputNotFound", "LocalStorage", "NotFound", "RangeReader", "S3Storage",
            "Storage", "StorageError", "expand_inputs", "is_s3", "list_s3_objects", "local_path", "normalize_uri",
-           "read_uri", "s3_client", "size_uri", "split_s3", "with_retries", "write_json_file", "write_local_text"]
+           "read_uri", "read_uri_range", "reset_clients", "s3_client", "s3_transfer_client", "size_uri", "split_s3", "with_retries",
+           "write_json_file", "write_local_text"]
 
 Storage.backends.update(file=LocalStorage, s3=S3Storage)
+S3Storage.compose = s3_compose          # (in its own module: storage_s3.py is near the size limit)
 
 # ---------------------------------------------------------------------------------------------
 # single input objects (corpus files)
@@ -102,17 +106,27 @@ def size_uri(uri: str) -> int:
 
 def read_uri(uri: str) -> bytes:
     """Read a whole input object (local path, file:// or s3://)."""
+    return read_uri_range(uri, None, None)
+
+
+def read_uri_range(uri: str, start: int | None, end: int | None) -> bytes:
+    """Bytes [start, end) of an input object (clipped to its end; None, None: all of it): one GET on S3,
+    retried, never a body cut short."""
+    if start is not None and end <= start:
+        return b""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         from botocore.exceptions import ClientError
         try:
-            return with_retries(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(),
-                                f"read {uri}")
+            return get_object_checked(bucket, key, f"read {uri}", start, end)[0]
         except ClientError as e:
-            raise StorageError(f"cannot read {uri}: {_s3_code(e)}") from e
+            raise StorageError(f"cannot read {uri}: {s3_reason(e)}") from e
     try:
         with open(local_path(uri), "rb") as f:
-            return f.read()
+            if start is None:
+                return f.read()
+            f.seek(start)
+            return f.read(end - start)
     except OSError as e:
         raise StorageError(f"cannot read {uri}: {e.strerror or e}") from e
 
@@ -121,7 +135,9 @@ def write_local_text(path: str, text: str) -> str:
     """A local output file (`--out`, results.json, the demo's pipeline.yaml), written as a datastore
     file is (LocalStorage.write_bytes): its folder created as needed, written aside and renamed.
     Returns the absolute path."""
-    path = local_path(path)
+    given, path = path, local_path(path)
+    if given.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise StorageError(f"{given} is a folder: the output must be a file name (e.g. {os.path.join(given, 'out.json')})")
     LocalStorage(os.path.dirname(path)).write_text(os.path.basename(path), text)
     return path
 

@@ -65,6 +65,30 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+def check_rel(root: str, rel: str, prefix: bool = False) -> str:
+    """`rel` unchanged if it is a clean relative path inside the root `root`, else a StorageError naming
+    both: no absolute path, no '..', '.' or empty component, no backslash, no NUL. A listing `prefix`
+    may be "" or end with "/"."""
+    why = None
+    if not isinstance(rel, str):
+        why = f"is a {type(rel).__name__}, not a string"
+    elif "\0" in rel:
+        why = "holds a NUL byte"
+    elif "\\" in rel:
+        why = "holds a backslash"
+    elif rel.startswith("/"):
+        why = "is absolute"
+    else:
+        body = rel[:-1] if prefix and rel.endswith("/") else rel
+        if not body and not prefix:
+            why = "is empty"
+        elif body and any(part in ("", ".", "..") for part in body.split("/")):
+            why = "has an empty, '.' or '..' component"
+    if why:
+        raise StorageError(f"storage path {rel!r} {why}: it must be a relative path inside the datastore root {root}")
+    return rel
+
+
 def normalize_uri(uri: str) -> str:
     """A canonical form: s3://bucket/prefix without trailing slash, or an absolute local path."""
     if is_s3(uri):
@@ -128,6 +152,12 @@ class Storage:
 
     def upload_file(self, rel: str, path: str) -> None:
         """Store a local file as an object, atomically (streamed)."""
+        raise NotImplementedError
+
+    def compose(self, rel: str, pieces: list[tuple[str, int, int]]) -> None:
+        """Store, atomically, the concatenation of byte ranges [start, end) of objects of this root as
+        `rel`, never holding more than a bounded chunk in memory (local: a streamed copy; S3: a multipart
+        upload of server-side part copies)."""
         raise NotImplementedError
 
     def delete_prefix(self, prefix: str) -> int:

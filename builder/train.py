@@ -105,8 +105,8 @@ def train_stage(cfg: TrainConfig) -> TrainResult:
                                       "missing: rerun with --force to train it again")
             return TrainResult(m, already_done=True)
         n_shards = len(m.index_shards or [])
-        raise ConfigError(f"{storage.uri} already has a trained index with different settings:\n  " +
-                          "\n  ".join(diffs) + "\nRerun with the original settings, or add --force to retrain "
+        raise ConfigError(f"{storage.uri} already has a trained index with different settings: " +
+                          "; ".join(diffs) + ". Rerun with the original settings, or add --force to retrain "
                           f"(which also drops the {n_shards} index shards built from the old index).")
 
     with Lease(storage, cfg.lease_ttl, INDEX_LEASE, "index build") as lease:
@@ -162,7 +162,7 @@ def train_on_cluster(cfg: TrainConfig, address: str | None):
         if cfg.device == "cuda" and gpus == 0:
             raise ClusterError("--device cuda: the Ray cluster has no GPUs")
         task = ray.remote(train_stage).options(num_cpus=min(cfg.threads or max_node_cpus(), max_node_cpus()),
-                                               num_gpus=1 if want_gpu else 0, max_retries=1)
+                                               num_gpus=1 if want_gpu else 0, max_retries=5)
         try:
             return ray.get(task.remote(cfg))
         except ray.exceptions.RayTaskError as e:
@@ -184,7 +184,7 @@ def load_trained_index(storage: Storage, m: Manifest):
     if checksum(data) != m.index["checksum"]:
         raise IndexBuildError(f"{storage.url(m.index['path'])} does not match the manifest's checksum (corrupted or "
                               f"replaced): rerun `knnlm train-index {storage.uri} --force`")
-    index = index_from_bytes(data)
+    index = index_from_bytes(data, storage.url(m.index["path"]))
     if index.d != m.dim:
         raise ManifestError(f"{storage.url(m.index['path'])} indexes vectors of dim {index.d}, but the datastore's "
                             f"keys have dim {m.dim}")

@@ -14,7 +14,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from builder.config import AddConfig, BuildConfig, InfoConfig, TrainConfig, VerifyConfig
+from builder.config import (AddConfig, BuildConfig, CompactConfig, InfoConfig, IngestConfig, RemoveConfig, TrainConfig,
+                            VerifyConfig)
 from builder.errors import KnnlmError
 from builder.options import add_options, from_args
 from cluster.config import DemoConfig, LogsConfig, RunConfig, StatusConfig, SubmitConfig
@@ -100,6 +101,34 @@ COMMANDS = {
         "index (knnlm train-index) on Ray workers, with the datastore's global ids; each index shard is a plain "
         "FAISS file listed in manifest.json as `index_shards`. Interrupted runs resume from the committed shards; "
         "rerunning a finished add does nothing."),
+    "ingest": Command(
+        IngestConfig, (STAGES, "ingest"),
+        "add a new corpus to a finished datastore as its next version (keys, index shards, publish)",
+        "Tokenize and compute keys for the new corpus with the datastore's own model, tokenizer, key layer, "
+        "windows, mode and dtype (under DATASTORE/ingest/NAME), give them ids after the existing ones, encode them "
+        "with the existing trained index into new index shards, and publish a new datastore version in one atomic "
+        "write of manifest.json: until then readers and servers see the previous version. Once per --name: a "
+        "rerun of a published ingestion does nothing, a killed one resumes, another corpus under the same name is "
+        "refused, and another ingestion is refused while one runs. The coarse quantization error of the new keys "
+        "is recorded next to that of the existing keys, with a warning when the new text lies far outside the "
+        "trained index (retrain with `knnlm train-index --force`)."),
+    "remove": Command(
+        RemoveConfig, (STAGES, "remove"),
+        "take documents out of a datastore (by source file or document index) as a new version",
+        "Publish a new datastore version in which the documents of --source (input files, matched against the paths "
+        "or URIs given to --corpus) or --docs (document indices; input file indices in stream mode) are removed: "
+        "no query returns their ids (the servers filter them), provenance never shows their text, and neighbour "
+        "caches made before are refused by `knnlm tune`. Nothing is rewritten (ids keep their numbers) until "
+        "`knnlm compact`. The removal is recorded in the manifest (what, when, how many keys); removing what is "
+        "already removed does nothing."),
+    "compact": Command(
+        CompactConfig, (STAGES, "compact"),
+        "rewrite the shards without the removed keys, renumbering ids contiguously from 0 (a new version)",
+        "Rewrite the key shards that hold removed rows without them, renumber the remaining keys contiguously "
+        "from 0 in the same order, re-encode the index shards whose ids were removed or moved (Ray tasks, with the "
+        "existing trained index), and publish the result as a new version recording how ids moved; then delete "
+        "the old shards and the removed documents' tokens. Interrupted runs resume; rerunning a finished "
+        "compaction does nothing."),
     "serve": Command(
         ServeConfig, (RETRIEVAL, "serve"),
         "start (or --status, --stop) the index servers of a datastore on a Ray cluster",
@@ -107,7 +136,10 @@ COMMANDS = {
         "a local cache (checksum-verified), memory-map it and hold the values (token ids) of their id range. "
         "Clients on the cluster find them by name (retriever.Retriever.connect, knnlm query --address). With "
         "--address the servers stay on the cluster after this command returns; without it an embedded local Ray is "
-        "started and the servers live until Ctrl-C (other commands reach them with --address auto)."),
+        "started and the servers live until Ctrl-C (other commands reach them with --address auto). The servers "
+        "follow the datastore's versions (knnlm ingest, remove, compact): every --watch seconds a controller looks "
+        "for a newer one, starts its servers, switches the clients to it once they all answer, and stops the old "
+        "ones --grace seconds later; every answer comes wholly from one version."),
     "query": Command(
         QueryConfig, (RETRIEVAL, "query"),
         "search a datastore's sharded index for a batch of query vectors (.npy → .npz)",

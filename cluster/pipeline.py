@@ -4,11 +4,12 @@
     address: null                         # a Ray cluster (as ray.init takes it); null: embedded local Ray
     build:   {corpus: [...], model: ..., key_layer: ffn_input, window: 1024, mode: stream, ...}
     index:   {factory: IVF4096,PQ64, train_size: 1000000, shards: 8, ...}
+    ingest:  {corpus: [day2/], name: day2}                                          # optional
     tune:    {valid: [valid.txt], test: [test.txt], record: true, plots: ./plots}      # optional
     eval:    {corpus: [test.txt], lambda: null, temperature: null, k: 1024, out: ...}  # optional
     serve:   {replicas: 1, rerank: false}                                             # optional
 
-The stages run in order, build → train-index → add → tune → eval → serve, each the same
+The stages run in order, build → train-index → add → ingest → tune → eval → serve, each the same
 function its own subcommand runs, so each is resumable and skips what is already committed:
 rerunning a finished pipeline does nothing but check. A file that asks for something other than
 what the datastore holds (another model, factory, layout) is refused by the stage, naming the
@@ -30,6 +31,7 @@ import time
 from builder.add import add_stage
 from builder.build import build
 from builder.config import ConfigError
+from builder.ingest import ingest
 from builder.layout import INDEX_LEASE, NEIGHBOUR_CACHE_META, neighbour_cache_dir
 from builder.lease import Lease
 from builder.manifest import load_manifest, write_manifest
@@ -49,7 +51,7 @@ def run_pipeline(p: Pipeline) -> dict:
     """Run every stage (see the module docstring); returns {stage: summary or result}."""
     cfgs = p.stage_configs()
     out: dict = {}
-    stages = ["build", "train-index", "add"] + [s for s in ("tune", "eval", "serve") if getattr(p, s)]
+    stages = ["build", "train-index", "add"] + [s for s in ("ingest", "tune", "eval", "serve") if getattr(p, s)]
     t_all = time.perf_counter()
     with ray_session(p.address):
         for i, stage in enumerate(stages, 1):
@@ -72,6 +74,10 @@ def run_pipeline(p: Pipeline) -> dict:
 def _stage(p: Pipeline, stage: str, cfgs: dict):
     if stage == "build":
         return build(cfgs["build"]).summary()
+    if stage in ("train-index", "add") and (changed := _changed_since_build(p)):
+        return changed
+    if stage == "ingest":
+        return ingest(cfgs["ingest"]).summary()
     if stage == "train-index":
         return (train_on_cluster(cfgs["index"], p.address) if p.address else train_stage(cfgs["index"])).summary()
     if stage == "add":
@@ -84,9 +90,20 @@ def _stage(p: Pipeline, stage: str, cfgs: dict):
         return _eval(p, cfgs["eval"])
     if stage == "serve":
         servers = start_servers(p.datastore, replicas=p.serve.replicas, rerank=p.serve.rerank, device=p.serve.device,
-                                detached=True)
+                                detached=True, watch=p.serve.watch, grace=p.serve.grace)
         return f"{sum(len(r) for r in servers.values())} index servers running on {p.address}"
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def _changed_since_build(p: Pipeline) -> str | None:
+    """Why the index stages are left as they are, or None: once an ingestion, a removal or a compaction was
+    published, the datastore's index covers its current keys (an ingestion encodes its own) and index.train_size
+    or index.shards, planned over the keys of the build, would no longer match it."""
+    m = load_manifest(Storage.from_uri(p.datastore))
+    if m.version > 1 and m.index and m.index_shards:
+        return (f"version {m.version} of the datastore has a trained index and {len(m.index_shards)} index shards; "
+                "left as they are")
+    return None
 
 
 def record_pipeline(p: Pipeline) -> None:

@@ -1,6 +1,6 @@
 """Reading a pipeline file (`knnlm run PIPELINE.yaml`): keys checked against the sections of
 cluster/pipeline_spec.py, relative paths resolved against the file's folder, and the inputs it
-names (corpus, valid and test files, a local model folder) checked before any Ray or model work."""
+names (build and ingest corpus, valid and test files, a local model folder) checked before any Ray or model work."""
 from __future__ import annotations
 
 import difflib
@@ -91,6 +91,9 @@ def resolve_pipeline(data, path: str, check_inputs: bool = True, check_model: bo
     p.datastore = _rel(p.datastore, base)
     p.build.corpus = [_rel(c, base) for c in p.build.corpus]
     p.build.model = model_path(p.build.model, base)
+    if p.ingest:
+        p.ingest.corpus = [_rel(c, base) for c in p.ingest.corpus]
+        p.ingest.model = p.ingest.model and model_path(p.ingest.model, base)
     if p.tune:
         p.tune.valid = [_rel(c, base) for c in p.tune.valid]
         p.tune.test = [_rel(c, base) for c in p.tune.test]
@@ -134,6 +137,8 @@ def _check_inputs(p: Pipeline, check_model: bool = True) -> None:
     local path. The error names the key and the resolved path or URI. Outputs (datastore, out,
     plots) are not checked: they are created as needed."""
     inputs = {"build.corpus": p.build.corpus}
+    if p.ingest:
+        inputs["ingest.corpus"] = p.ingest.corpus
     if p.tune:
         inputs.update({"tune.valid": p.tune.valid, "tune.test": p.tune.test})
     if p.eval:

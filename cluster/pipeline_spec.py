@@ -2,7 +2,7 @@
 
 Each section's keys are the options of its stages' configs that have a file key (see
 builder/options.py): build: BuildConfig; index: TrainConfig and AddConfig (`factory` and `shards`
-for --index-factory and --index-shards); tune: TuneStage below; eval: EvalConfig (`lambda`);
+for --index-factory and --index-shards); ingest: IngestConfig (`knnlm ingest`, after the index stages); tune: TuneStage below; eval: EvalConfig (`lambda`);
 serve: ServeConfig. A key's default is its option's default; a required option (build.corpus,
 build.model, eval.corpus, tune.valid, tune.test) is checked by `Pipeline`, naming the key. Light:
 the command line prints `pipeline_reference()` in `knnlm run --help`.
@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 
-from builder.config import AddConfig, BuildConfig, ConfigError, TrainConfig
+from builder.config import AddConfig, BuildConfig, ConfigError, IngestConfig, TrainConfig
 from builder.options import default_of, file_keys, flag_name, kind, opt, options
 from retriever.config import EvalConfig, ServeConfig
 
@@ -33,9 +33,9 @@ class TuneStage:
     workers: int | None = opt(None, help="LM workers")
 
 
-STAGES = {"build": (BuildConfig,), "index": (TrainConfig, AddConfig), "tune": (TuneStage,), "eval": (EvalConfig,),
-          "serve": (ServeConfig,)}
-OPTIONAL = ("tune", "eval", "serve")
+STAGES = {"build": (BuildConfig,), "index": (TrainConfig, AddConfig), "ingest": (IngestConfig,), "tune": (TuneStage,),
+          "eval": (EvalConfig,), "serve": (ServeConfig,)}
+OPTIONAL = ("ingest", "tune", "eval", "serve")
 REQUIRED = "(required)"
 
 
@@ -80,6 +80,7 @@ class Pipeline:
     build: object
     index: object
     address: str | None = None
+    ingest: object | None = None
     tune: object | None = None
     eval: object | None = None
     serve: object | None = None
@@ -93,6 +94,8 @@ class Pipeline:
             raise ConfigError(f"{where}: build.corpus: at least one path or URI is required")
         if not self.build.model:
             raise ConfigError(f"{where}: build.model: a model path or Hugging Face id is required")
+        if self.ingest is not None and not (self.ingest.corpus and self.ingest.name):
+            raise ConfigError(f"{where}: ingest needs ingest.corpus and ingest.name")
         if self.tune is not None and not (self.tune.valid and self.tune.test):
             raise ConfigError(f"{where}: tune needs both tune.valid and tune.test (evaluation files)")
         if self.eval is not None and not self.eval.corpus:
@@ -121,6 +124,7 @@ class Pipeline:
                 ("build", "build", BuildConfig, {"out": self.datastore, "address": self.address, "progress": False}),
                 ("index", "index", TrainConfig, {"datastore": self.datastore}),
                 ("add", "index", AddConfig, common),
+                ("ingest", "ingest", IngestConfig, common | {"progress": False}),
                 ("eval", "eval", EvalConfig, common)):
             sec = getattr(self, section)
             if sec is None:

@@ -4,6 +4,7 @@ cluster/cli.py loads this module when one of them runs."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -16,20 +17,31 @@ from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, Query
 from retriever.evaluate import evaluate, knnlm_settings, write_json
 from retriever.generate import generate as generate_text
 from retriever.provenance import neighbours as find_neighbours
-from retriever.router import Retriever, server_status, serving, start_servers, stop_servers
+from retriever.router import Retriever, controller_status, server_status, serving, start_servers, stop_servers
+from retriever.server import RequestError, check_request
 from retriever.tune import tune_caches
 
 
-def _print_status(rows: list[dict]) -> int:
-    print(f"{'shard':>5} {'replica':>7} {'health':<8} {'ids':>23} {'device':<6} {'rerank':<6} note")
+def _print_status(rows: list[dict], ctl: dict | None = None) -> int:
+    """The servers' table (and the controller's line); how many servers of the served version are down."""
+    if ctl is not None:
+        follow = "pinned" if ctl.get("pinned") else f"watching every {ctl.get('watch')}s"
+        retiring = "".join(f"; version {v}'s servers stop in {t}s" for v, t in (ctl.get("retiring") or {}).items())
+        print(f"controller: serving version {ctl.get('version')} ({follow}){retiring}"
+              + (f"; error: {ctl['error']}" if ctl.get("error") else ""))
+    print(f"{'version':>7} {'shard':>5} {'replica':>7} {'health':<8} {'ids':>23} {'removed':>8} {'device':<6} "
+          f"{'rerank':<6} note")
     bad = 0
     for r in rows:
         ids = f"{r['first_id']:,}..{r['first_id'] + r['num_ids'] - 1:,}" if "first_id" in r else ""
         note = r.get("error", f"pid {r.get('pid')}, loaded in {r.get('load_seconds')}s")
-        print(f"{r['shard']:>5} {'' if r['replica'] is None else r['replica']:>7} "
-              f"{'ok' if r['healthy'] else 'DOWN':<8} {ids:>23} {r.get('device', ''):<6} {str(r.get('rerank', '')):<6} "
-              f"{note}")
-        bad += not r["healthy"]
+        if not r.get("serving", True):
+            note += " (previous version)"
+        print(f"{'' if r.get('version') is None else r['version']:>7} {r['shard']:>5} "
+              f"{'' if r['replica'] is None else r['replica']:>7} "
+              f"{'ok' if r['healthy'] else 'DOWN':<8} {ids:>23} {r.get('removed_ids', ''):>8} {r.get('device', ''):<6} "
+              f"{str(r.get('rerank', '')):<6} {note}")
+        bad += not r["healthy"] and r.get("serving", True)
     return bad
 
 
@@ -41,15 +53,17 @@ def serve(a: ServeConfig) -> int:
         if a.stop:
             print(f"stopped {stop_servers(a.datastore)} index servers of {a.datastore}")
             return 0
-        return 2 if _print_status(server_status(a.datastore)) else 0
-    with ray_session(a.address):
+        return 2 if _print_status(server_status(a.datastore), controller_status(a.datastore)) else 0
+    with ray_session(a.address) as ray:
         start_servers(a.datastore, replicas=a.replicas, rerank=a.rerank, device=a.device, cache_dir=a.cache_dir,
-                      threads=a.threads, detached=a.address is not None)
-        _print_status(server_status(a.datastore))
+                      threads=a.threads, detached=a.address is not None, watch=a.watch, grace=a.grace)
+        _print_status(server_status(a.datastore), controller_status(a.datastore))
         if a.address is not None:
             print(f"the servers run on the cluster; `knnlm serve {a.datastore} --address {a.address} --stop` "
                   "removes them")
             return 0
+        gcs = ray.get_runtime_context().gcs_address
+        published = _publish_address(gcs)
         print("serving on an embedded Ray (reach it with --address auto); Ctrl-C stops", flush=True)
         try:
             while True:
@@ -58,6 +72,44 @@ def serve(a: ServeConfig) -> int:
             stop_servers(a.datastore)
             print("stopped")
             return 0
+        finally:
+            _unpublish_address(published, gcs)
+
+
+def _publish_address(gcs: str) -> str:
+    """Record the embedded Ray as this machine's latest cluster, as `ray start` does: `ray.init(address="auto")`
+    then reaches it even where other Ray instances run (without the record, "auto" takes any of them)."""
+    from ray._common.utils import get_ray_address_file
+    path = get_ray_address_file(None)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(gcs)
+    os.replace(tmp, path)
+    return path
+
+
+def _unpublish_address(path: str, gcs: str) -> None:
+    """Remove the record, unless another cluster has replaced it since."""
+    try:
+        with open(path) as f:
+            if f.read().strip() == gcs:
+                os.remove(path)
+    except OSError:
+        pass
+
+
+def check_queries(a: QueryConfig, q, dim: int) -> None:
+    """The servers' own request checks, before any server starts, naming the flag: the array (shape,
+    dtype, NaN/inf) is --queries', the rest --k's (its upper limit is the servers')."""
+    try:
+        check_request(q, dim, 1, a.nprobe)
+    except RequestError as e:
+        raise ConfigError(f"--queries {a.queries}: {e}") from None
+    try:
+        check_request(q[:1], dim, a.k, a.nprobe)
+    except RequestError as e:
+        raise ConfigError(f"--k {a.k}: {e}") from None
 
 
 def query(a: QueryConfig) -> int:
@@ -65,6 +117,7 @@ def query(a: QueryConfig) -> int:
         q = np.load(a.queries, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--queries {a.queries}: cannot read a numpy array ({e})") from None
+    check_queries(a, q, load_manifest(Storage.from_uri(a.datastore)).dim)
     with serving(a.datastore, a.address, a.rerank, a.cache_dir):
         r = Retriever.connect(a.datastore)
         parts = [r.search(q[i:i + a.batch_size], a.k, a.nprobe, rerank=a.rerank, allow_partial=a.allow_partial)

@@ -1,5 +1,5 @@
-"""The handlers of the datastore commands: `knnlm build`, `train-index`, `add`, `info`, `verify` and
-`run` (a pipeline file). Each takes its command's config (builder/config.py, cluster/config.py),
+"""The handlers of the datastore commands: `knnlm build`, `train-index`, `add`, `ingest`, `remove`, `compact`,
+`info`, `verify` and `run` (a pipeline file). Each takes its command's config (builder/config.py, cluster/config.py),
 runs the stage and prints its summary; cluster/cli.py loads this module when one of them runs."""
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import sys
 
 from builder.add import add_stage, verify_index_files
 from builder.build import build as build_stage
-from builder.config import AddConfig, BuildConfig, InfoConfig, TrainConfig, VerifyConfig
+from builder.compact import compact as compact_stage
+from builder.config import (AddConfig, BuildConfig, CompactConfig, InfoConfig, IngestConfig, RemoveConfig, TrainConfig,
+                            VerifyConfig)
+from builder.ingest import ingest as ingest_stage
 from builder.key_shards import verify_key_shards
 from builder.manifest import load_manifest
+from builder.remove import remove as remove_stage
 from builder.storage import Storage, write_json_file
 from builder.train import train_on_cluster, train_stage
+from builder.versions import history
 from cluster.config import RunConfig
 from cluster.pipeline import run_pipeline
 from cluster.pipeline_file import load_pipeline
@@ -34,6 +39,32 @@ def add(cfg: AddConfig) -> int:
     return 0
 
 
+def ingest(cfg: IngestConfig) -> int:
+    cfg.progress = cfg.progress and sys.stderr.isatty()
+    print(ingest_stage(cfg).summary())
+    return 0
+
+
+def _version_line(e: dict) -> str:
+    """One version of `knnlm info`'s history: what made it, its size and time."""
+    what = {"build": lambda: f"build of {e.get('inputs', '?')} inputs",
+            "ingest": lambda: f"ingest {e.get('name')}: +{e.get('keys_added', 0):,} keys",
+            "remove": lambda: f"remove {e.get('source') or e.get('docs') or ''}".rstrip() +
+                              (f": -{e['keys_removed']:,} keys" if e.get("keys_removed") is not None else ""),
+            "compact": lambda: "compact"}.get(e.get("kind"), lambda: str(e.get("kind")))()
+    return f"v{e.get('version')} {e.get('at') or '?'} {what} ({e.get('num_keys', 0):,} keys)"
+
+
+def remove(cfg: RemoveConfig) -> int:
+    print(remove_stage(cfg).summary())
+    return 0
+
+
+def compact(cfg: CompactConfig) -> int:
+    print(compact_stage(cfg).summary())
+    return 0
+
+
 def info(a: InfoConfig) -> int:
     m = load_manifest(Storage.from_uri(a.datastore))
     if a.json:
@@ -43,12 +74,18 @@ def info(a: InfoConfig) -> int:
                "key_layer": m.key_layer, "key_module": m.key_module, "window": m.window,
                "min_context": m.min_context, "mode": m.mode, "compute_dtype": m.compute_dtype,
                "documents": m.corpus.get("num_documents"), "skipped_documents": m.corpus.get("skipped_documents")}
+    summary["removed_keys"] = (m.removed or {}).get("num_keys", 0)        # until `knnlm compact`
+    if m.removals:
+        summary["removals"] = [{k: r.get(k) for k in ("version", "at", "source", "docs", "num_docs", "num_keys",
+                                                      "compacted") if r.get(k) is not None} for r in m.removals]
     if m.index:
         summary["index"] = {k: m.index.get(k) for k in ("path", "factory", "metric", "train_size", "seed", "trainer")}
     if m.index_shards:
         summary["index_shards"] = len(m.index_shards)
     if m.index_merged:
         summary["index_merged"] = m.index_merged["path"]
+    summary["version"] = m.version
+    summary["versions"] = [_version_line(e) for e in history(m)]
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -37,6 +37,13 @@ def _model():
 SERVERS_ADDRESS = "a Ray cluster with running servers of this datastore"
 
 
+def positive(*flags_values) -> None:
+    """ConfigError naming the first flag whose value (when given) is not a positive integer."""
+    for flag, v in flags_values:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+
+
 @dataclass
 class EvalConfig:
     """`knnlm eval`: base LM and kNN-LM perplexity of evaluation text."""
@@ -84,10 +91,8 @@ class EvalConfig:
             raise ConfigError(f"--lambda must be in [0, 1] (got {self.lam})")
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"--temperature must be positive (got {self.temperature})")
-        for flag, v in (("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
-                        ("--workers", self.workers), ("--window", self.window), ("--min-context", self.min_context)):
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"{flag} must be a positive integer (got {v!r})")
+        positive(("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size),
+                 ("--workers", self.workers), ("--window", self.window), ("--min-context", self.min_context))
         if self.window is not None and self.min_context is not None and self.min_context >= self.window:
             raise ConfigError(f"--min-context {self.min_context} must be smaller than --window {self.window} "
                               "(each window scores window - min_context new tokens)")
@@ -118,9 +123,21 @@ class ServeConfig:
     cache_dir: str | None = opt(None, file=False, help="local cache of index shards and values on each node",
                                 default_text="$KNNLM_CACHE or ~/.cache/knnlm")
     threads: int | None = opt(None, file=False, help="faiss threads per server", default_text="all cores")
+    watch: float = opt(5.0, help="seconds between two looks at the datastore's version: the servers of a newly "
+                                 "published version (ingestion, removal, compaction) start, then serve; 0: serve the "
+                                 "version current now, never follow")
+    grace: float = opt(122.0, help="seconds the previous version's servers keep serving after a switch (clients "
+                                   "still on them move to the new version)",
+                       default_text="122: twice the clients' 1 s refresh plus their 120 s deadline")
     status: bool = opt(False, group="action", file=False, help="report every shard and replica's health and exit")
     stop: bool = opt(False, group="action", file=False,
                      help="remove this datastore's servers from the cluster and exit")
+
+    def __post_init__(self):
+        positive(("--replicas", self.replicas), ("--threads", self.threads))
+        for flag, v in (("--watch", self.watch), ("--grace", self.grace)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"{flag} must be a number of seconds >= 0 (got {v!r})")
 
 
 @dataclass(kw_only=True)                 # --out is required but listed after --k and --nprobe
@@ -139,8 +156,7 @@ class QueryConfig:
     cache_dir: str | None = opt(None, help="cache of the embedded servers (no --address)")
 
     def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be a positive integer (got {self.batch_size})")
+        positive(("--k", self.k), ("--nprobe", self.nprobe), ("--batch-size", self.batch_size))
 
 
 @dataclass
@@ -160,6 +176,13 @@ class GenerateConfig:
     address: str | None = opt(None, help=SERVERS_ADDRESS, default_text="embedded servers started for the call")
     cache_dir: str | None = opt(None, help="cache of the embedded servers")
 
+    def __post_init__(self):
+        positive(("--max-new-tokens", self.max_new_tokens), ("--k", self.k), ("--nprobe", self.nprobe))
+        if self.lam is not None and not 0 <= self.lam <= 1:
+            raise ConfigError(f"--lambda must be in [0, 1] (got {self.lam})")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"--temperature must be positive (got {self.temperature})")
+
 
 @dataclass
 class NeighboursConfig:
@@ -173,3 +196,8 @@ class NeighboursConfig:
     model: str | None = _model()
     address: str | None = opt(None, help=SERVERS_ADDRESS, default_text="embedded servers started for the call")
     cache_dir: str | None = opt(None, help="cache of the embedded servers")
+
+    def __post_init__(self):
+        positive(("--k", self.k), ("--nprobe", self.nprobe))
+        if not isinstance(self.context, int) or self.context < 0:
+            raise ConfigError(f"--context must be a non-negative integer (got {self.context!r})")

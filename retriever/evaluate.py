@@ -15,8 +15,8 @@ first token is not scored, approximate or exact distances, index factory, nprobe
 Work is cut into chunks of whole windows, independent of the number of workers; each worker
 (a Ray actor holding the LM and a `Retriever`) returns the per-token log-probabilities of its
 chunk, and the driver sums them in chunk order, so the result does not depend on how many
-workers ran. A worker that dies has its chunk redone (Ray retries the call on the restarted
-actor).
+workers ran. A worker that dies (any number of times: a preemptible cluster) is restarted by Ray
+and its chunk redone by the next free worker.
 """
 from __future__ import annotations
 
@@ -164,21 +164,26 @@ class EvalWorkerImpl:
             self._retriever = Retriever.connect(self.datastore)
         return self._retriever
 
+    def ping(self) -> bool:
+        return True
+
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
             batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
         if self.error is not None:
             raise self.error
-        maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it and retries
+        maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it, the chunk runs again
         t0 = time.perf_counter()
         q, lm, tgt = score_windows(windows, self.encoder, batch_size)
         t1 = time.perf_counter()
         knn = np.empty(len(q))
         dists, values = [], []
         t_search = 0.0
+        versions = set()
         for a in range(0, len(q), search_batch):
             ts = time.perf_counter()
             r = self.retriever.search(q[a:a + search_batch].astype(np.float32), k=k, nprobe=nprobe, rerank=rerank)
             t_search += time.perf_counter() - ts
+            versions.add(r.version)
             knn[a:a + len(r.ids)] = knn_log_probs(r.dist, r.values, tgt[a:a + search_batch], temperature,
                                                   self.retriever.metric)
             if save_uri:
@@ -189,7 +194,7 @@ class EvalWorkerImpl:
         if save_uri:
             write_chunk(Storage.from_uri(save_uri), chunk_id, tgt, lm, np.concatenate(dists), np.concatenate(values))
         # lm: the forward (queries and log-probs); search: the router's calls; combine: p_kNN and the mix
-        return {"lm": lm, "knnlm": mix, "tokens": len(q),
+        return {"lm": lm, "knnlm": mix, "tokens": len(q), "versions": sorted(versions),
                 "seconds": {"lm": t1 - t0, "search": t_search, "combine": t2 - t1 - t_search}}
 
 
@@ -232,6 +237,7 @@ class EvalResult:
     seconds: float
     split: dict
     protocol: Protocol
+    version: int | list = 1      # the datastore version whose servers answered (a list: several did)
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "base_ppl": self.base_ppl, "knnlm_ppl": self.knnlm_ppl,
@@ -239,7 +245,7 @@ class EvalResult:
                 "temperature": self.temperature, "k": self.k, "nprobe": self.nprobe, "rerank": self.rerank,
                 **self.protocol.to_json(),
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else None, "seconds": self.seconds,
-                "seconds_split": self.split}
+                "seconds_split": self.split, "version": self.version}
 
     def table(self) -> str:
         j = self.to_json()
@@ -313,7 +319,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         workers = cfg.workers or (gpus if use_gpu else 1)
         threads = cfg.threads or max(1, cpus // workers)
         actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
-                                                   max_restarts=2, max_task_retries=2)
+                                                   max_restarts=-1, max_task_retries=0)
         pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
                 for _ in range(workers)]
         try:
@@ -332,11 +338,14 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     n = int(lm.size)
     protocol = Protocol(window, min_context, mode, n, sequences, distances_name(cfg.rerank), m.index["factory"],
                         cfg.nprobe, compute_dtype)
+    versions = sorted({v for i in order for v in results[i].get("versions", [])})
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
-                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol)
+                     cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol,
+                     versions[0] if len(versions) == 1 else versions or m.version)
     if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
         Storage.from_uri(cfg.save_neighbours).write_text(NEIGHBOUR_CACHE_META, json.dumps(
             {"metric": m.index["metric"], "k": k, "rerank": cfg.rerank, "datastore": st.uri,
+             "version": min(versions or [m.version]),   # the oldest that answered: tune checks removals since
              "corpus": inputs, "chunks": len(chunks), **protocol.to_json()}))
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
@@ -374,9 +383,23 @@ def _plan(cfg: EvalConfig, m, mode: str, model_path: str, window: int, min_conte
 
 def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float
                 ) -> dict[int, dict]:
-    """Each chunk on the next free worker, one at a time each; {chunk id: its result}. A dead worker's
-    chunk is retried by Ray on the restarted actor (max_task_retries), not here."""
+    """Each chunk on the next free worker, one at a time each; {chunk id: its result}. A worker that dies
+    (preempted, killed: any number of times) is restarted by Ray; its chunk goes back to the head of
+    the queue (the next free worker runs it), and the worker gets work again once it answers a ping."""
+    import ray.exceptions as rex
     results: dict[int, dict] = {}
+    alive = set(range(len(pool)))
+
+    def revive(w: int, e: BaseException):
+        """A ping of restarting worker w, or None when it cannot start (its constructor failed)."""
+        if isinstance(e, rex.ActorDiedError) and not isinstance(e, rex.ActorUnavailableError) and \
+                getattr(e, "cause", None) is not None:
+            alive.discard(w)
+            if not alive:
+                raise unwrap_task_error(e, "starting the evaluation workers", (EvalError, ValueError),
+                                        EvalError) from None
+            return None
+        return pool[w].ping.remote()
 
     def done(c: Chunk, res: dict) -> None:
         results[c.id] = res
@@ -386,7 +409,7 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
              done, lambda c, e: unwrap_task_error(e, f"evaluation chunk {c.id}",
                                                   (EvalError, RetrieverError, RequestError, ValueError),
                                                   EvalError),
-             workers=len(pool))
+             workers=len(pool), revive=revive, name="evaluation worker", what=lambda c: f"chunk {c.id}")
     return results
 
 

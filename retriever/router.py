@@ -1,12 +1,16 @@
 """Sharded index servers on Ray, and the client-side router that fans out and merges top-k.
 
-Servers are named, detached Ray actors in the namespace "knnlm", one per index shard and
-replica: `knnlm-<datastore key>-s<shard>-r<replica>`, where the datastore key is a hash of the
-datastore's URI. Anything on the same cluster finds them by name: `Retriever.connect(uri)`.
+Servers are named Ray actors in the namespace "knnlm", one per datastore version, index shard and
+replica: `knnlm-<datastore key>-v<version>-s<shard>-r<replica>` (retriever/fleet.py), started and
+switched from version to version by the datastore's serve controller (retriever/controller.py).
+Anything on the same cluster finds them by name: `Retriever.connect(uri)`.
 
-The router lives in the client (no extra hop): each batch is put in the object store once
-(`ray.put`, read zero-copy by servers on the same node) and sent to one replica of every shard at
-once; a replica that fails is replaced by another replica of its shard, and one that is slow
+The router lives in the client (no extra hop): it asks the controller which version is served (at
+most once per `refresh` seconds) and sends each search to the servers of that one version, so every
+answer comes wholly from one version (`SearchResult.version`); when that version's servers are gone
+(stopped after a switch), it searches again on the new version. Each batch is put in the object store
+once (`ray.put`, read zero-copy by servers on the same node) and sent to one replica of every shard
+at once; a replica that fails is replaced by another replica of its shard, and one that is slow
 (`hedge_after` seconds) gets a second request on another replica, the first answer winning,
 all within `deadline` seconds. A shard with no live replica fails the call with a clear error,
 or, only when the caller allows partial results, is left out and named in the result.
@@ -18,174 +22,36 @@ are re-sorted by (exact distance, id), so the answer does not depend on the inde
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from builder.errors import KnnlmError
-from builder.index import faiss_gpus, fastscan_factory
 from builder.manifest import load_manifest, require_index_shards
-from builder.runtime import cluster_resources, connect_ray, max_node_cpus, ray_session
+from builder.runtime import connect_ray
 from builder.storage import Storage
+from builder.versions import load_version
+from retriever.controller import REFRESH
+from retriever.fleet import (  # noqa: F401 - names of this module's API too
+    ASK_TIMEOUT,
+    NAMESPACE,
+    RetrieverError,
+    actor_name,
+    cause,
+    controller,
+    find_all,
+    find_servers,
+    served_version,
+)
 from retriever.merge import boundary_ties, merge_topk, rerank_margin, shard_of, sort_topk, worst
-from retriever.server import CPU_MAX_K, IndexServerImpl, RequestError, ServerError, check_request, datastore_key
+from retriever.server import CPU_MAX_K, RequestError, check_request
+from retriever.servers import controller_status, server_status, serving, start_servers, stop_servers  # noqa: F401
 
 log = logging.getLogger(__name__)
-NAMESPACE = "knnlm"
 INLINE_BYTES = 64 << 10   # query batches up to this size travel inline with the calls
-# handles of the non-detached servers this process started: Ray removes an actor, named or not,
-# once no handle to it is left, so they are kept here until stop_servers
-_KEEP: dict[str, dict[tuple[int, int], object]] = {}
-
-
-class RetrieverError(KnnlmError, RuntimeError):
-    """The servers of a datastore cannot answer (none running, a shard without live replica, versions)."""
-
-
-def actor_name(key: str, shard: int, replica: int) -> str:
-    return f"knnlm-{key}-s{shard:05d}-r{replica:03d}"
-
-
-def _parse(name: str) -> tuple[int, int]:
-    _, _, s, r = name.rsplit("-", 3)
-    return int(s[1:]), int(r[1:])
-
-
-def _cause(e: BaseException) -> BaseException:
-    return getattr(e, "cause", None) or e
-
-
-def find_servers(uri: str) -> dict[int, dict[int, object]]:
-    """{shard: {replica: actor handle}} of the servers of `uri` running on the connected cluster."""
-    import ray
-    from ray.util import list_named_actors
-    prefix = f"knnlm-{datastore_key(uri)}-"
-    out: dict[int, dict[int, object]] = {}
-    for a in list_named_actors(all_namespaces=True):
-        if a["namespace"] == NAMESPACE and a["name"].startswith(prefix):
-            shard, replica = _parse(a["name"])
-            try:
-                out.setdefault(shard, {})[replica] = ray.get_actor(a["name"], namespace=NAMESPACE)
-            except ValueError:  # removed meanwhile
-                continue
-    return out
-
-
-def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str = "auto",
-                  cache_dir: str | None = None, threads: int | None = None, detached: bool = True,
-                  timeout: float = 1800.0) -> dict[int, dict[int, object]]:
-    """Start the missing servers of every index shard × replica and wait until they answer.
-
-    Replicas of a shard are spread over nodes; with faiss GPU support and GPUs in the cluster each
-    server takes one GPU. Servers already running are kept. A server that cannot load its shard
-    fails the call with its reason, and the servers this call started are removed."""
-    import ray
-
-    if replicas < 1:
-        raise ValueError(f"--replicas must be a positive integer (got {replicas})")
-    st = Storage.from_uri(uri)
-    m = load_manifest(st)
-    require_index_shards(m, st.uri, ServerError)
-    _, gpus = cluster_resources()
-    use_gpu = (device in ("auto", "cuda") and gpus > 0 and faiss_gpus() > 0
-               and not fastscan_factory(m.index["factory"]))            # fast-scan is searched on the CPU
-    if threads is None:
-        # a node's cores shared by the shards placed on it (one replica of each shard serves a call):
-        # OpenMP teams larger than their share spin against each other
-        nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0))
-        threads = max(1, max_node_cpus() // -(-len(m.index_shards) // nodes))
-    key = datastore_key(st.uri)
-    running = find_servers(st.uri)
-    cls = ray.remote(IndexServerImpl)
-    started = {}
-    for shard in range(len(m.index_shards)):
-        for r in range(replicas):
-            if r in running.get(shard, {}):
-                continue
-            opts = dict(name=actor_name(key, shard, r), namespace=NAMESPACE, max_restarts=-1, max_task_retries=0,
-                        max_concurrency=8, num_cpus=0, num_gpus=1 if use_gpu else 0, scheduling_strategy="SPREAD")
-            if detached:
-                opts["lifetime"] = "detached"
-            started[(shard, r)] = cls.options(**opts).remote(st.uri, shard, r, cache_dir, rerank,
-                                                             "cuda" if use_gpu else "cpu", threads)
-    pings = {h.ping.remote(): sr for sr, h in started.items()}
-    try:
-        ready, not_ready = ray.wait(list(pings), num_returns=len(pings), timeout=timeout)
-        if not_ready:
-            raise RetrieverError(f"{len(not_ready)} index servers did not start within {timeout:.0f}s")
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except Exception as e:
-                shard, r = pings[ref]
-                raise ServerError(f"index server for shard {shard} (replica {r}) of {st.uri} failed to start: "
-                                  f"{_cause(e)}") from None
-    except BaseException:
-        for h in started.values():
-            ray.kill(h, no_restart=True)
-        raise
-    if not detached:
-        _KEEP.setdefault(key, {}).update(started)
-    log.info("started %d index servers for %s (%d shards x %d replicas; %d were running)", len(started), st.uri,
-             len(m.index_shards), replicas, sum(len(v) for v in running.values()))
-    return find_servers(st.uri)
-
-
-def stop_servers(uri: str) -> int:
-    """Remove every server of `uri` from the cluster; returns how many there were."""
-    import ray
-    n = 0
-    for reps in find_servers(uri).values():
-        for h in reps.values():
-            ray.kill(h, no_restart=True)
-            n += 1
-    _KEEP.pop(datastore_key(uri), None)
-    return n
-
-
-def server_status(uri: str, timeout: float = 10.0) -> list[dict]:
-    """One row per shard × replica found (and per shard with none): health, device, load time."""
-    import ray
-
-    n = len(load_manifest(Storage.from_uri(uri)).index_shards or [])
-    found = find_servers(uri)
-    refs = {h.info.remote(): (s, r) for s, reps in found.items() for r, h in reps.items()}
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
-    rows = []
-    for ref, (s, r) in refs.items():
-        row = {"shard": s, "replica": r, "healthy": False}
-        if ref in ready:
-            try:
-                row.update(ray.get(ref), healthy=True)
-            except Exception as e:
-                row["error"] = f"{type(_cause(e)).__name__}: {_cause(e)}"
-        else:
-            row["error"] = f"no answer within {timeout:.0f}s"
-        rows.append(row)
-    for s in range(n):
-        if s not in found:
-            rows.append({"shard": s, "replica": None, "healthy": False, "error": "no server running"})
-    return sorted(rows, key=lambda x: (x["shard"], x["replica"] if x["replica"] is not None else -1))
-
-
-@contextmanager
-def serving(uri: str, address: str | None = None, rerank: bool = False, cache_dir: str | None = None):
-    """Ray connected (an embedded one unless `address`) and the datastore's servers running for the
-    block: the cluster's own, or, where none run, embedded ones started here and stopped after."""
-    with ray_session(address):
-        embedded = not find_servers(uri)
-        if embedded:
-            if address:
-                raise RetrieverError(f"no index servers of {uri} run on {address}: start them with "
-                                     f"`knnlm serve {uri} --address {address}`" + (" --rerank" if rerank else ""))
-            start_servers(uri, rerank=rerank, cache_dir=cache_dir, detached=False)
-        try:
-            yield
-        finally:
-            if embedded:
-                stop_servers(uri)
+RESTART_POLL = 0.25       # seconds before asking a restarting shard again (doubling, at most 2 s)
+_cause = cause
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +67,22 @@ class SearchResult:
     partial: bool = False
     missing_shards: list[int] = field(default_factory=list)
     error: str = ""                      # why shards are missing (with allow_partial)
+    version: int | None = None           # the datastore version whose servers gave the whole answer
 
     def __iter__(self):
         return iter((self.dist, self.ids, self.values))
+
+
+@dataclass
+class View:
+    """The servers of one datastore version, as the router uses them: a search holds one view
+    throughout, so that all its calls go to one version."""
+    version: int | None
+    servers: dict[int, dict[int, object]]
+    num_shards: int
+    ranges: list[tuple[int, int]]                               # (first_id, num_ids) of each shard: who owns an id
+    next: dict[int, int] = field(default_factory=dict)          # round robin over replicas
+    dead: set[tuple[int, int]] = field(default_factory=set)     # replicas seen dead (skipped first)
 
 
 class Retriever:
@@ -215,18 +94,25 @@ class Retriever:
 
     def __init__(self, uri: str, servers: dict[int, dict[int, object]], num_shards: int, metric: str, dim: int,
                  max_k: int | None, hedge_after: float = 5.0, deadline: float = 120.0,
-                 ranges: list[tuple[int, int]] | None = None):
-        self.uri, self.servers, self.num_shards = uri, servers, num_shards
-        self.ranges = ranges or []                               # (first_id, num_ids) of each shard: who owns an id
+                 ranges: list[tuple[int, int]] | None = None, version: int | None = None, refresh: float = REFRESH):
+        self.uri = uri
         self.metric, self.dim, self.max_k = metric, dim, max_k
-        self.hedge_after, self.deadline = hedge_after, deadline
-        self._next = {s: 0 for s in range(num_shards)}          # round robin over replicas
-        self._dead: set[tuple[int, int]] = set()                 # replicas seen dead (skipped first)
+        self.hedge_after, self.deadline, self.refresh = hedge_after, deadline, refresh
+        self.view = View(version, servers, num_shards, list(ranges or []), {s: 0 for s in range(num_shards)})
+        self._asked_at = time.monotonic()
+        self._ctl = None                                         # the controller's handle, once looked up
+        self._lock = threading.Lock()
         self._tie_warned = False
+
+    # the served version's servers (the view the next search starts from)
+    servers = property(lambda self: self.view.servers)
+    num_shards = property(lambda self: self.view.num_shards)
+    ranges = property(lambda self: self.view.ranges)
+    version = property(lambda self: self.view.version)
 
     @classmethod
     def connect(cls, datastore_uri: str, address: str | None = None, hedge_after: float = 5.0,
-                deadline: float = 120.0, timeout: float = 60.0) -> "Retriever":
+                deadline: float = 120.0, timeout: float = 60.0, refresh: float = REFRESH) -> Retriever:
         """Find the servers of `datastore_uri` on the Ray cluster this process is connected to (or
         connect to `address`, as ray.init takes it; "auto" when neither) and check them."""
         import ray
@@ -234,9 +120,12 @@ class Retriever:
         if not ray.is_initialized():
             connect_ray(address or "auto")
         st = Storage.from_uri(datastore_uri)
-        m = load_manifest(st)
+        require_index_shards(load_manifest(st), st.uri, RetrieverError)
+        found = find_all(st.uri)
+        version = served_version(st.uri, found) if found else None
+        m = load_version(st, version) if version is not None else load_manifest(st)
         require_index_shards(m, st.uri, RetrieverError)
-        servers = find_servers(st.uri)
+        servers = found.get(version, {})
         missing = [s for s in range(len(m.index_shards)) if not servers.get(s)]
         if len(missing) == len(m.index_shards):
             raise RetrieverError(f"no index servers of {st.uri} run on this Ray cluster: start them with "
@@ -261,27 +150,74 @@ class Retriever:
         if missing:
             log.warning("index shards %s of %s have no running server", missing, st.uri)
         return cls(st.uri, servers, len(m.index_shards), m.index["metric"], m.dim, max_k, hedge_after, deadline,
-                   [(int(s["first_id"]), int(s["num_ids"])) for s in m.index_shards])
+                   [(int(s["first_id"]), int(s["num_ids"])) for s in m.index_shards], version, refresh)
+
+    def _served(self) -> int | None:
+        """The version the controller serves (its handle kept); without one, see fleet.served_version."""
+        import ray
+        if self._ctl is None:
+            self._ctl = controller(self.uri)
+        if self._ctl is not None:
+            try:
+                v = ray.get(self._ctl.current.remote(), timeout=ASK_TIMEOUT)
+                if v is not None:
+                    return v
+            except Exception as e:  # noqa: BLE001 - dead or restarting: look at the servers instead
+                log.warning("the serve controller of %s does not answer (%s)", self.uri, type(_cause(e)).__name__)
+                self._ctl = None
+        return served_version(self.uri)
+
+    def _refresh(self, force: bool = False) -> View:
+        """The view of the version served now (asked at most once per `refresh` seconds unless forced)."""
+        if not force and time.monotonic() - self._asked_at < self.refresh:
+            return self.view
+        with self._lock:
+            self._asked_at = time.monotonic()
+            v = self._served()
+            if v is not None and v != self.view.version:
+                m = load_version(Storage.from_uri(self.uri), v)
+                n = len(m.index_shards or [])
+                self.view = View(v, find_servers(self.uri, v), n,
+                                 [(int(s["first_id"]), int(s["num_ids"])) for s in m.index_shards or []],
+                                 {s: 0 for s in range(n)})
+                log.info("%s: searching version %d now", self.uri, v)
+            return self.view
 
     def search(self, queries: np.ndarray, k: int = 1024, nprobe: int = 32, rerank: bool = False,
                allow_partial: bool = False) -> SearchResult:
-        """Global top-k of each query over every shard: distances (squared L2 or inner product, as
-        FAISS returns them), global ids and values; see SearchResult.
+        """Global top-k of each query over every shard of one datastore version: distances (squared L2
+        or inner product, as FAISS returns them), global ids and values; see SearchResult.
 
-        A shard left without a live replica makes the router look the servers up by name once
-        more (they may have been restarted by `knnlm serve`) before it gives up."""
-        res = self._search(queries, k, nprobe, rerank)
-        if res.missing_shards:
-            fresh = find_servers(self.uri)
-            if any(fresh.get(s) for s in res.missing_shards):   # servers of those shards (re)started
-                self.servers = fresh
-                self._dead.clear()
-                res = self._search(queries, k, nprobe, rerank)
-        if res.missing_shards and (not allow_partial or len(res.missing_shards) == self.num_shards):
+        A shard left without a live replica makes the router ask which version is served: a newer one
+        (the old version's servers stopped after a switch) is searched again, whole. Otherwise it looks
+        the servers up by name again: while servers of the shard are registered (Ray restarting crashed
+        ones, or `knnlm serve` having started new ones), it asks again after a growing pause, within the
+        deadline; a shard none of whose servers is registered any more (removed, or unable to start)
+        fails at once."""
+        view = self._refresh()
+        res = self._search(view, queries, k, nprobe, rerank)
+        t0, pause = time.monotonic(), RESTART_POLL
+        while res.missing_shards and time.monotonic() - t0 <= self.deadline:
+            new = self._refresh(force=True)
+            if new.version != view.version:                      # switched meanwhile: all again, on the new one
+                log.info("%s: version %s's servers are gone; searching version %s", self.uri, view.version,
+                         new.version)
+                view = new
+            else:
+                fresh = find_servers(self.uri, view.version)
+                if not any(fresh.get(s) for s in res.missing_shards):
+                    break
+                view.servers = fresh                             # servers of those shards (re)starting
+                view.dead.clear()
+                time.sleep(pause)
+                pause = min(2 * pause, 2.0)
+            res = self._search(view, queries, k, nprobe, rerank)
+        if res.missing_shards and (not allow_partial or len(res.missing_shards) == view.num_shards):
             raise RetrieverError(res.error)
+        res.version = view.version
         return res
 
-    def _search(self, queries: np.ndarray, k: int, nprobe: int, rerank: bool) -> SearchResult:
+    def _search(self, view: View, queries: np.ndarray, k: int, nprobe: int, rerank: bool) -> SearchResult:
         """One fan-out (two with rerank): the merged results of the shards that answered, the others
         named in the result.
 
@@ -295,9 +231,9 @@ class Retriever:
         # goes inline with the calls (a put costs more than it saves)
         q_ref = ray.put(q) if q.nbytes > INLINE_BYTES else q
         kk = min(k + rerank_margin(k), self.max_k or CPU_MAX_K) if rerank else k
-        results, failed = self._fan_out("search", (q_ref, int(kk), int(nprobe)), range(self.num_shards))
-        missing = sorted(s for s in range(self.num_shards) if s not in results)
-        if len(missing) == self.num_shards:
+        results, failed = self._fan_out(view, "search", (q_ref, int(kk), int(nprobe)), range(view.num_shards))
+        missing = sorted(s for s in range(view.num_shards) if s not in results)
+        if len(missing) == view.num_shards:
             return self._result(None, k, missing, failed)
         got = [results[s] for s in sorted(results)]
         d, i, v = merge_topk([g[0] for g in got], [g[1] for g in got], [g[2] for g in got], k, self.metric)
@@ -308,20 +244,20 @@ class Retriever:
                         "shard's %d candidates end on a tie with the k-th approximate distance; those rows may "
                         "depend on the index layout", ties.sum(), len(ties), kk)
                 self._tie_warned = True
-            d, i, v, lost = self._exact(q_ref, i, v)
+            d, i, v, lost = self._exact(view, q_ref, i, v)
             failed.update(lost)
             missing = sorted(set(missing) | set(lost))
         return self._result((d, i, v), k, missing, failed)
 
-    def _exact(self, q_ref, ids: np.ndarray, values: np.ndarray):
+    def _exact(self, view: View, q_ref, ids: np.ndarray, values: np.ndarray):
         """Exact distances of the (n, k) candidates ids from the shards that own them, the rows re-sorted
         by (exact distance, id); candidates of a shard that did not answer are dropped (its failure
         returned, for the caller to report like a missing shard)."""
         import ray
-        owner = shard_of(ids, self.ranges)                                 # (n, k) shard index, -1 missing
+        owner = shard_of(ids, view.ranges)                                 # (n, k) shard index, -1 missing
         shards = sorted(int(s) for s in np.unique(owner) if s >= 0)
         ids_ref = ids if ids.nbytes <= INLINE_BYTES else ray.put(ids)
-        results, failed = self._fan_out("exact", (q_ref, ids_ref), shards)
+        results, failed = self._fan_out(view, "exact", (q_ref, ids_ref), shards)
         exact = np.full(ids.shape, worst(self.metric), np.float32)
         for s, e in results.items():
             mine = owner == s
@@ -341,7 +277,7 @@ class Retriever:
                                 partial=True, missing_shards=missing, error=error)
         return SearchResult(*div, partial=bool(missing), missing_shards=missing, error=error)
 
-    def _fan_out(self, method: str, args: tuple, shards) -> tuple[dict[int, object], dict[int, str]]:
+    def _fan_out(self, view: View, method: str, args: tuple, shards) -> tuple[dict[int, object], dict[int, str]]:
         """Call `method(*args)` on one replica of each shard in `shards`: a failed replica is replaced by
         another of its shard, a slow one (hedge_after) gets a second call elsewhere, the first answer
         winning, all within the deadline. Returns ({shard: answer}, {shard: why it has none})."""
@@ -355,8 +291,8 @@ class Retriever:
         pending: dict = {}
 
         def send(shard: int) -> bool:
-            reps = self.servers.get(shard, {})
-            order = sorted(reps, key=lambda r: ((shard, r) in self._dead, (r - self._next[shard]) % max(len(reps), 1)))
+            reps = view.servers.get(shard, {})
+            order = sorted(reps, key=lambda r: ((shard, r) in view.dead, (r - view.next.get(shard, 0)) % max(len(reps), 1)))
             for r in order:
                 if r not in tried[shard]:
                     tried[shard].add(r)
@@ -367,7 +303,7 @@ class Retriever:
 
         failed: dict[int, str] = {}
         for s in shards:
-            self._next[s] = (self._next[s] + 1) % max(len(self.servers.get(s, {})), 1)
+            view.next[s] = (view.next.get(s, 0) + 1) % max(len(view.servers.get(s, {})), 1)
             if not send(s):
                 failed[s] = "no server running"
         if not failed:  # the common case: every shard answers in time, one batched get
@@ -390,14 +326,14 @@ class Retriever:
                         continue
                     try:
                         results[shard] = ray.get(ref)
-                        self._dead.discard((shard, r))
+                        view.dead.discard((shard, r))
                         continue
                     except rex.RayTaskError as e:
                         if isinstance(_cause(e), RequestError):
                             raise _cause(e) from None
                         reason = f"{type(_cause(e)).__name__}: {_cause(e)}"
                     except (rex.RayActorError, rex.ActorUnavailableError, rex.ObjectLostError) as e:
-                        self._dead.add((shard, r))
+                        view.dead.add((shard, r))
                         log.warning("replica %d of index shard %d failed (%s); trying another", r, shard,
                                     type(e).__name__)
                         reason = f"every replica failed (last: {type(e).__name__})"

@@ -24,10 +24,11 @@ import time
 import numpy as np
 
 from builder.errors import KnnlmError
-from builder.index import faiss_gpus, file_sha256, is_fastscan
-from builder.manifest import load_manifest, require_index_shards
+from builder.index import IndexFileError, faiss_gpus, file_sha256, is_fastscan, read_index_file
+from builder.manifest import require_index_shards
+from builder.versions import clip_ranges, is_removed, load_version, removed_ranges
 from builder.rows import iter_range
-from builder.storage import Storage, normalize_uri
+from builder.storage import Storage, StorageError, normalize_uri
 from retriever.merge import exact_distances, normalize_missing
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ GPU_MAX_K = 2048          # faiss GPU's limit on k (and nprobe)
 CPU_MAX_K = 65536         # far beyond kNN-LM's k=1024; results are n×k×12 bytes per shard
 MAX_RESULT_BYTES = 1 << 30  # one request's result per shard: a larger batch must be split
 RERANK_CHUNK_BYTES = 256 << 20
+FETCH_ATTEMPTS = 4        # downloads of an index shard before a server gives up (see fetch_cached)
+FETCH_BACKOFF = 0.5       # seconds: the pause after attempt i is i times this
 
 
 class RequestError(KnnlmError, ValueError):
@@ -80,8 +83,12 @@ def check_request(q, dim: int, k: int, nprobe: int, max_k: int | None = None) ->
     return q
 
 
-def fetch_cached(storage, rel: str, checksum: str, cache_dir: str) -> str:
-    """A stored file in the local cache, named by its checksum; downloaded and verified if absent."""
+def fetch_cached(storage, rel: str, checksum: str, cache_dir: str, attempts: int = FETCH_ATTEMPTS) -> str:
+    """A stored file in the local cache, named by its checksum; downloaded and verified if absent.
+
+    A download that fails (the object briefly missing, a read error the storage layer's own retries
+    did not absorb) or whose bytes do not match the checksum (a body cut short) is tried again, up to
+    `attempts` times with a growing pause; only a verified file is ever cached."""
     os.makedirs(cache_dir, exist_ok=True)
     digest = checksum.split(":", 1)[1]
     path = os.path.join(cache_dir, f"{digest[:32]}-{os.path.basename(rel)}")
@@ -89,11 +96,22 @@ def fetch_cached(storage, rel: str, checksum: str, cache_dir: str) -> str:
         return path
     tmp = f"{path}.part-{os.getpid()}"
     t0 = time.perf_counter()
-    storage.download_file(rel, tmp)
-    if file_sha256(tmp) != checksum:
-        os.remove(tmp)
-        raise ServerError(f"{storage.url(rel)} does not match its manifest checksum (corrupted or replaced): "
-                          f"run `knnlm verify {storage.uri}`")
+    for attempt in range(1, attempts + 1):
+        try:
+            storage.download_file(rel, tmp)
+            if file_sha256(tmp) == checksum:
+                break
+            error = ServerError(f"{storage.url(rel)} does not match its manifest checksum (corrupted or replaced): "
+                                f"run `knnlm verify {storage.uri}`")
+        except StorageError as e:
+            error = e
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if attempt == attempts:
+            raise error
+        log.warning("fetching %s failed (attempt %d of %d: %s); trying again", storage.url(rel), attempt, attempts,
+                    error)
+        time.sleep(FETCH_BACKOFF * attempt)
     os.replace(tmp, path)
     open(path + ".ok", "w").close()
     log.info("fetched %s (%.1f MB) in %.1fs", storage.url(rel), os.path.getsize(path) / 1e6, time.perf_counter() - t0)
@@ -104,17 +122,20 @@ class ShardServer:
     """Index shard `shard` of the datastore at `root_uri`, ready to search."""
 
     def __init__(self, root_uri: str, shard: int, cache_dir: str | None = None, rerank: bool = False,
-                 device: str = "auto", threads: int | None = None):
+                 device: str = "auto", threads: int | None = None, version: int | None = None):
         import faiss
 
-
         self.storage = Storage.from_uri(root_uri)
-        m = load_manifest(self.storage)
+        m = load_version(self.storage, version)                  # None: the current version
         require_index_shards(m, self.storage.uri, ServerError)
         if not 0 <= shard < len(m.index_shards):
             raise ServerError(f"{self.storage.uri} has {len(m.index_shards)} index shards, not {shard + 1}")
         s = m.index_shards[shard]
         self.shard, self.first_id, self.num_ids = shard, int(s["first_id"]), int(s["num_ids"])
+        self.version = m.version
+        # ids of this range removed in this version (knnlm remove): never returned (filtered inside faiss)
+        self.removed = clip_ranges(removed_ranges(m), self.first_id, self.num_ids)       # (r, 2) int64
+        self.num_removed = int((self.removed[:, 1] - self.removed[:, 0]).sum())
         self.metric, self.dim, self.checksum = m.index["metric"], m.dim, s["checksum"]
         self.rerank_enabled = rerank
         self.cache_dir = os.path.join(cache_dir or default_cache_dir(), datastore_key(self.storage.uri))
@@ -125,7 +146,10 @@ class ShardServer:
         faiss.omp_set_num_threads(self.threads)
         t0 = time.perf_counter()
         path = fetch_cached(self.storage, s["path"], s["checksum"], self.cache_dir)
-        self.index = faiss.read_index(path, faiss.IO_FLAG_MMAP)        # inverted lists stay on disk
+        try:                                                           # inverted lists stay on disk
+            self.index = read_index_file(path, faiss.IO_FLAG_MMAP, self.storage.url(s["path"]))
+        except IndexFileError as e:
+            raise ServerError(str(e)) from None
         if self.index.d != self.dim or self.index.ntotal != self.num_ids:
             raise ServerError(f"{self.storage.url(s['path'])}: {self.index.ntotal} vectors of dim {self.index.d}, the "
                               f"manifest says {self.num_ids} of dim {self.dim}")
@@ -141,6 +165,7 @@ class ShardServer:
         elif device == "cuda":
             raise ServerError("--device cuda: this faiss has no GPU support (install the `gpu` extra)")
         self.max_k = GPU_MAX_K if self.device == "cuda" else CPU_MAX_K
+        self._selector = removed_selector(self.removed) if self.device == "cpu" else None
         cols = self._column_caches(m, ("value", "key") if rerank else ("value",))   # one pass over the shards
         self.values = cols["value"]                                  # (num_ids,) int32, memory-mapped
         self.keys = cols.get("key")                                  # (num_ids, dim) float16, memory-mapped
@@ -171,6 +196,7 @@ class ShardServer:
     def info(self) -> dict:
         import ray
         return {"shard": self.shard, "first_id": self.first_id, "num_ids": self.num_ids, "metric": self.metric,
+                "version": self.version, "removed_ids": self.num_removed,
                 "dim": self.dim, "rerank": self.rerank_enabled, "device": self.device, "checksum": self.checksum,
                 "ray_version": ray.__version__, "pid": os.getpid(), "load_seconds": round(self.load_seconds, 2),
                 "max_k": self.max_k}
@@ -180,9 +206,18 @@ class ShardServer:
         distances, as the index computes them)."""
         import faiss
         q = check_request(q, self.dim, k, nprobe, self.max_k)
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe))
         faiss.omp_set_num_threads(self.threads)
-        d, ids = self.index.search(q, int(k), params=params)                # (n, k) float32, int64 global ids
+        if self.num_removed == self.num_ids:                                 # all of it removed
+            ids = np.full((len(q), int(k)), -1, np.int64)
+            d = normalize_missing(np.zeros(ids.shape, np.float32), ids, self.metric)
+            return d, ids, np.full(ids.shape, -1, np.int32)
+        if self.num_removed and self._selector is None:                      # GPU: no selector; over-fetch
+            kk = min(int(k) + self.num_removed, self.max_k)
+            d, ids = self.index.search(q, kk, params=faiss.SearchParametersIVF(nprobe=int(nprobe)))
+            d, ids = drop_removed(d, ids, self.removed, int(k), self.metric)
+        else:
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=self._selector)
+            d, ids = self.index.search(q, int(k), params=params)            # (n, k) float32, int64 global ids
         d = normalize_missing(d, ids, self.metric)
         local = ids - self.first_id
         ok = ids >= 0
@@ -214,22 +249,67 @@ class ShardServer:
         return out
 
 
+def removed_selector(removed: np.ndarray):
+    """A faiss selector of the ids NOT in the (r, 2) removed ranges (None when there are none): the
+    search skips removed entries while it scans the inverted lists, so its top-k equals that of an
+    index that never held them. A few ranges are tested as ranges; many as one hash set of ids."""
+    import faiss
+    if not len(removed):
+        return None
+    if len(removed) <= 16:
+        sels = [faiss.IDSelectorRange(int(a), int(b)) for a, b in removed]
+        sel = sels[0]
+        for other in sels[1:]:
+            sel = faiss.IDSelectorOr(sel, other)
+            sel.keep = (sels,)                             # the SWIG objects must outlive the selector
+    else:
+        ids = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in removed])
+        sel = faiss.IDSelectorBatch(ids)
+    out = faiss.IDSelectorNot(sel)
+    out.keep = sel
+    return out
+
+
+def drop_removed(d: np.ndarray, ids: np.ndarray, removed: np.ndarray, k: int, metric: str):
+    """The best k of each row of an over-fetched (n, kk) result without the removed ids (missing: -1)."""
+    bad = is_removed(ids, removed) | (ids < 0)
+    order = np.argsort(bad, axis=1, kind="stable")[:, :k]                  # kept entries first, in rank order
+    d2, i2 = np.take_along_axis(d, order, 1), np.take_along_axis(ids, order, 1)
+    gone = np.take_along_axis(bad, order, 1)
+    i2[gone] = -1
+    d2[gone] = np.inf if metric == "l2" else -np.inf
+    return d2, i2
+
+
 class IndexServerImpl:
     """Body of the `IndexServer` Ray actor: a thin wrapper around ShardServer."""
 
     def __init__(self, root_uri: str, shard: int, replica: int, cache_dir: str | None, rerank: bool, device: str,
-                 threads: int | None):
+                 threads: int | None, version: int | None = None):
         self.replica = replica
-        self.core = ShardServer(root_uri, shard, cache_dir, rerank, device, threads)
+        # a user error (a missing or corrupted file, named) is kept and raised by every call, starting with the
+        # router's ping: raised here, Ray would give the caller only an ActorDiedError whose message is the
+        # worker's traceback, not the error
+        self.error: KnnlmError | None = None
+        try:
+            self.core = ShardServer(root_uri, shard, cache_dir, rerank, device, threads, version)
+        except KnnlmError as e:
+            self.error = e
+
+    def _core(self) -> ShardServer:
+        if self.error is not None:
+            raise self.error
+        return self.core
 
     def ping(self) -> bool:
+        self._core()
         return True
 
     def info(self) -> dict:
-        return self.core.info() | {"replica": self.replica}
+        return self._core().info() | {"replica": self.replica}
 
     def search(self, q: np.ndarray, k: int, nprobe: int):
-        return self.core.search(q, k, nprobe)
+        return self._core().search(q, k, nprobe)
 
     def exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self.core.exact(q, ids)
+        return self._core().exact(q, ids)

@@ -9,7 +9,7 @@ A cache is a folder (local or s3://) of Parquet files, one per evaluation chunk,
 | dist     | fixed_size_list<float32>[k] | distances of the k neighbours, best first (squared L2 / inner product, as FAISS returns them; +inf / -inf where missing) |
 | values   | fixed_size_list<int32>[k]   | their values (token ids; -1 where missing) |
 
-plus `cache.json`: {metric, k, rerank, datastore, corpus, chunks} and the evaluation's protocol
+plus `cache.json`: {metric, k, rerank, datastore, version, corpus, chunks} and the evaluation's protocol
 (`retriever.evaluate.Protocol`: window, min_context, mode, tokens, sequences, distances,
 index_factory, nprobe, compute_dtype). Everything `knnlm tune` needs: it searches λ, T and k (a prefix of the k
 neighbours) without the LM or the index; its output records each cache's protocol under `caches`.
@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 from builder.config import ConfigError
 from builder.layout import NEIGHBOUR_CACHE_META, neighbour_chunk_path
-from builder.manifest import load_manifest, write_manifest
-from builder.storage import NotFound, Storage, write_json_file
+from builder.manifest import ManifestError, load_manifest, write_manifest
+from builder.storage import NotFound, Storage, StorageError, write_json_file
 from retriever.config import TuneConfig
 from retriever.knnlm import PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs, perplexity
 
@@ -73,6 +73,24 @@ def read_cache(uri: str) -> Cache:
     if len(c.target) != meta["tokens"]:
         raise ValueError(f"{uri}: {len(c.target)} tokens in its chunks, cache.json says {meta['tokens']}")
     return c
+
+
+def check_not_stale(c: Cache, flag: str, uri: str) -> None:
+    """Refuse a cache made from a datastore version whose neighbours were removed since (`knnlm remove`): its
+    distances and values include ids no query returns any more. A cache without a version is of version 1;
+    a datastore that cannot be read is not checked."""
+    made, where = int(c.meta.get("version") or 1), c.meta.get("datastore")
+    if not where:
+        return
+    try:
+        m = load_manifest(Storage.from_uri(where))
+    except (ManifestError, StorageError):
+        return
+    later = [r for r in m.removals or [] if int(r.get("version", 0)) > made]
+    if later:
+        raise ConfigError(f"{flag} {uri}: made from version {made} of {where}, whose documents were removed since "
+                          f"(`knnlm remove`, version {later[0]['version']}): its neighbours include removed ids; "
+                          "rerun `knnlm eval --save-neighbours` on the current version")
 
 
 def ppl(c: Cache, lam: float, temperature: float, k: int) -> float:
@@ -133,9 +151,15 @@ def tune_caches(cfg: TuneConfig) -> dict:
     and the record in a datastore's manifest. A folder that is not a cache is a ConfigError."""
     try:
         valid = read_cache(cfg.valid)
+    except ValueError as e:
+        raise ConfigError(f"--valid {cfg.valid}: {e}") from None
+    check_not_stale(valid, "--valid", cfg.valid)
+    try:
         test = read_cache(cfg.test) if cfg.test else None
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"--test {cfg.test}: {e}") from None
+    if test is not None:
+        check_not_stale(test, "--test", cfg.test)
     res = tune(valid, test)
     if cfg.plots:
         res["plots"] = plot(res, cfg.plots)

@@ -24,8 +24,17 @@ def _free_port() -> int:
 
 
 MOTO_PORT = _free_port()
+MOTO_URL = f"http://127.0.0.1:{MOTO_PORT}"
+# Every S3 request of the suite, from this process and from the Ray workers (which inherit the
+# environment when ray.init runs), goes through one fault-injecting proxy in front of the moto
+# server (tests/s3_proxy.py). Its fault rates are 0 except inside a test that sets them (the
+# `s3_faults` fixture), so the same Ray workers serve clean tests and faulty ones.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from s3_proxy import FaultProxy  # noqa: E402
+
+S3_PROXY = FaultProxy(MOTO_URL, seed=0)
 os.environ.update({
-    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    "AWS_ENDPOINT_URL": S3_PROXY.start(),
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
     "AWS_REGION": "us-east-1",
@@ -63,6 +72,15 @@ def shared_model() -> str:
 def wikitext_splits() -> str:
     """../shared/data/wikitext-2-splits: train.txt, valid.txt, test.txt (split by article)."""
     return need_shared("data", "wikitext-2-splits")
+
+@pytest.fixture(scope="session")
+def wt2_train_root(tmp_path_factory):
+    """The folder of the WikiText-2 train datastore as bench/wikitext2_knnlm.py makes it (`ds/` in it: stream,
+    512/256, IVF1024,PQ32 on 200k keys, 2 index shards). The slow real-text tests that need that datastore share
+    it: the first one builds it, and the same stages rerun by the next are no-ops (a finished build, a trained
+    index and filled index shards with the same settings are kept), saving a build of 467,808 keys in CI."""
+    return tmp_path_factory.mktemp("wt2-train")
+
 
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -160,24 +178,40 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto in server mode) on 127.0.0.1."""
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
+def start_moto(port: int, env: dict | None = None) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:port, once it accepts connections."""
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", MOTO_PORT), timeout=0.5):
-                break
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto server did not start")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1."""
+    proc = start_moto(MOTO_PORT)
     yield os.environ["AWS_ENDPOINT_URL"]
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    """The suite's S3 fault proxy (see S3_PROXY), its counts zeroed and its draws reseeded (0); the
+    test sets its rates (`set_rates`), which go back to 0 afterwards."""
+    S3_PROXY.set_rates({})
+    S3_PROXY.reset_counts()
+    S3_PROXY.reseed(0)
+    yield S3_PROXY
+    S3_PROXY.set_rates({})
 
 
 @pytest.fixture

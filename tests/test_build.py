@@ -292,4 +292,5 @@ def test_manifest_typed_fields_round_trip():
     m = Manifest.from_dict(d)
     assert m.tuned == {"lambda": 0.3} and m.pipeline == {"datastore": "x"}
     assert m.extra == {"knnlm": {"future": 1}, "from_a_newer_knnlm": [1]}
-    assert json.loads(m.to_json()) == d
+    strip = (lambda j: {k: v for k, v in j.items() if k != "manifest_checksum"})   # over the new content
+    assert strip(json.loads(m.to_json())) == strip(d)

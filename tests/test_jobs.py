@@ -27,6 +27,8 @@ import uuid
 import pytest
 import yaml
 from conftest import REPO, TRAIN_TEXT, _free_port, write_text
+from ray_nodes import alive as _alive
+from ray_nodes import descendants as _descendants
 
 from builder.runtime import ClusterError
 from cluster.cli import dispatch, make_parser, subcommands
@@ -55,33 +57,6 @@ def knnlm(*argv: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = dispatch(a)
     return rc, out.getvalue(), err.getvalue()
-
-
-def _descendants(pid: int) -> list[int]:
-    """pid's process tree (Linux /proc), found through parent links, children first."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out[::-1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Head:

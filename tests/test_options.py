@@ -55,10 +55,12 @@ def test_every_pipeline_key_is_an_option_with_its_default(section):
                         "batch_size"},
               "index": {"factory", "train_size", "metric", "seed", "trainer", "read_factor", "min_points_per_centroid",
                         "shards", "shard_size", "encoder", "device", "workers", "threads", "merge"},
+              "ingest": {"corpus", "name", "model", "format", "text_field", "workers", "device", "batch_size", "shards",
+                         "shard_size", "readd"},
               "tune": {"valid", "test", "format", "k", "nprobe", "record", "plots", "out", "workers"},
               "eval": {"corpus", "format", "lambda", "temperature", "k", "nprobe", "rerank", "workers", "out", "window",
                        "min_context"},
-              "serve": {"replicas", "rerank", "device"}}
+              "serve": {"replicas", "rerank", "device", "watch", "grace"}}
     assert set(keys.values()) == expect[section]
 
 

@@ -18,7 +18,8 @@ def run_pytest(clone: Path, **env) -> subprocess.CompletedProcess:
 def test_real_text_tests_skip_in_a_users_clone_and_fail_in_ci(tmp_path):
     clone = tmp_path / "clone"                   # tmp_path/shared does not exist
     (clone / "tests").mkdir(parents=True)
-    shutil.copy2(REPO / "tests" / "conftest.py", clone / "tests" / "conftest.py")
+    for name in ("conftest.py", "s3_proxy.py"):         # conftest starts the tests' S3 fault proxy
+        shutil.copy2(REPO / "tests" / name, clone / "tests" / name)
     (clone / "tests" / "test_real.py").write_text(
         "def test_real_text(wikitext_splits, shared_model):\n    raise AssertionError('never reached')\n")
     missing = tmp_path / "shared" / "data" / "wikitext-2-splits"

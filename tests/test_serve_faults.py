@@ -1,0 +1,184 @@
+"""Serving and evaluation under real faults (tests/serve_faults.py's scenarios on the embedded Ray):
+SIGKILLed index-server replicas under a two-client load, a shard that loses every replica, eval
+workers and index servers SIGKILLed during `knnlm eval`, a failed first fetch of an index shard,
+and the embedded Ray of `knnlm serve` reached with address "auto"."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+from conftest import REPO, write_text
+from serve_faults import (
+    SERVER_TITLE,
+    cluster_workers,
+    eval_worker_kills,
+    replica_kill_under_load,
+    server_pid,
+    shard_loss,
+    sigkill,
+    title,
+)
+from test_knnlm import (
+    EVAL,
+    ds,  # noqa: F401 - fixture: a tiny GPT-2 datastore (IVF4,Flat over 2 index shards)
+)
+from test_retriever import indexed, synth  # noqa: F401 - fixture
+
+from builder.manifest import load_manifest
+from builder.storage import Storage
+from retriever import find_servers, start_servers, stop_servers
+from retriever.server import ServerError, fetch_cached
+
+
+def gcs(ray_cluster) -> str:
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def flat2(synth, tmp_path_factory, ray_cluster):  # noqa: F811
+    """IVF-Flat over 2 index shards."""
+    root = tmp_path_factory.mktemp("flat2")
+    return indexed(synth, root / "ds", "IVF16,Flat", "l2", 2)
+
+
+@pytest.fixture(scope="module")
+def served2(flat2, tmp_path_factory):
+    """A copy of flat2 served with 2 replicas per shard, then its index files removed from storage: every
+    server restarted by a test (a SIGKILLed replica, a re-created one) can only come back from the
+    node's verified cache, as a restart must (no second download)."""
+    root = tmp_path_factory.mktemp("served2")
+    uri, cache = str(root / "ds"), str(root / "cache")
+    shutil.copytree(flat2, uri)
+    start_servers(uri, replicas=2, cache_dir=cache, detached=False)
+    for s in load_manifest(Storage.from_uri(uri)).index_shards:
+        os.remove(os.path.join(uri, s["path"]))
+    yield uri, cache
+    stop_servers(uri)
+
+
+def test_replica_sigkill_under_two_client_load_loses_no_query(served2, ray_cluster):
+    uri, cache = served2
+    r = replica_kill_under_load(gcs(ray_cluster), uri, cache_dir=cache, batches=24, batch_size=32, seed=3)
+    print("ROW", r)
+    d = r["detail"]
+    assert r["injected"] == 1 and r["recovered"] == 1, r
+    assert r["failed_queries"] == 0 and d["differing_queries"] == 0 and not d["errors"], r
+    assert d["killed_after_batches"] is not None and d["killed_after_batches"] < 48   # mid-load
+    assert d["queries"] == 2 * 24 * 32
+    assert sum(len(v) for v in find_servers(uri).values()) == 4       # the killed replica is back (from the cache)
+
+
+def test_shard_loses_every_replica_restart_then_clear_error_or_partial(served2, ray_cluster):
+    uri, cache = served2
+    r = shard_loss(gcs(ray_cluster), uri, cache_dir=cache, seed=2)
+    print("ROW", r)
+    assert r["failed_queries"] == 0, r                                 # SIGKILLed: waited for the restart
+    assert r["detail"]["clear_error"] and r["detail"]["partial_flagged"] and r["detail"]["restored"], r
+    assert f"index shards [{r['detail']['shard']}]" in r["detail"]["error"]
+    assert r["injected"] == 4 and r["recovered"] == 4
+    assert r["detail"]["error_s"] < 20                                 # removed for good: no wait for a restart
+
+
+def test_server_process_title_and_cluster_filter(served2, ray_cluster):
+    """The kill helpers find our servers by title among this cluster's workers only."""
+    uri, _ = served2
+    pids = {server_pid(h) for reps in find_servers(uri).values() for h in reps.values()}
+    assert len(pids) == 4 and all(SERVER_TITLE in title(p) for p in pids)
+    assert pids <= set(cluster_workers(gcs(ray_cluster), SERVER_TITLE))
+    assert not cluster_workers("127.0.0.1:1", SERVER_TITLE)            # another cluster: none of ours
+    assert not sigkill(os.getpid(), SERVER_TITLE)                       # never a process of another title
+
+
+def test_fetch_cached_retries_a_failed_first_fetch(flat2, tmp_path):
+    """The object briefly missing, then briefly corrupt: the fetch tries again and caches the verified
+    file; a file that stays corrupt is a clear ServerError naming it, nothing cached."""
+    uri = str(tmp_path / "ds")
+    shutil.copytree(flat2, uri)
+    st = Storage.from_uri(uri)
+    s = load_manifest(st).index_shards[1]
+    path = os.path.join(uri, s["path"])
+    with open(path, "rb") as f:
+        good = f.read()
+    for broken in ("missing", "truncated"):
+        if broken == "missing":
+            os.remove(path)
+        else:
+            write_text(path, good[:len(good) // 2])
+        fixer = threading.Timer(0.6, lambda: write_text(path, good))
+        fixer.start()
+        cache = str(tmp_path / f"cache-{broken}")
+        try:
+            got = fetch_cached(st, s["path"], s["checksum"], cache)
+        finally:
+            fixer.join()
+        with open(got, "rb") as f:
+            assert f.read() == good and os.path.exists(got + ".ok")
+    write_text(path, good[:-1] + bytes([good[-1] ^ 1]))                # corrupt for good
+    with pytest.raises(ServerError, match=rf"{s['path']} does not match its manifest checksum"):
+        fetch_cached(st, s["path"], s["checksum"], str(tmp_path / "cache-bad"))
+    assert not [f for f in os.listdir(tmp_path / "cache-bad") if not f.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def eval_corpus(tmp_path_factory):
+    """A dozen short documents: enough chunks (16 targets each) for kills to land mid-eval."""
+    root = tmp_path_factory.mktemp("evalc")
+    docs = [f"{EVAL[i % 2]} Number {i} of the river and the dog." for i in range(12)]
+    return write_text(root / "eval.jsonl", "\n".join(json.dumps({"text": t}) for t in docs) + "\n")
+
+
+def test_eval_survives_several_worker_kills_and_a_server_kill(ds, eval_corpus, tmp_path, ray_cluster):  # noqa: F811
+    """Three SIGKILLs of the eval worker (more than Ray's old budget of 2 restarts) and one of the only
+    replica of an index server (the router waits for its restart), at seeded random moments: the
+    same tokens and perplexities as the uninterrupted eval."""
+    _, out, _ = ds
+    r = eval_worker_kills(gcs(ray_cluster), out, [eval_corpus], worker_kills=3, server_kills=1, replicas=1,
+                          seed=5, cache_dir=str(tmp_path / "srv"), lam=0.3, temperature=2.0, k=8, nprobe=4,
+                          chunk_targets=16, max_delay=0.2)
+    d = r["detail"]
+    assert len(d["worker_kills"]) == 3 and len(d["server_kills"]) == 1, r
+    print("ROW", r)
+    assert d["same"] and r["recovered"] == 4 and r["failed_queries"] == 0, r
+    assert d["faulted"]["tokens"] == d["clean"]["tokens"] > 100
+
+
+@pytest.mark.slow
+def test_embedded_serve_runs_until_ctrl_c_and_auto_reaches_it(flat2, tmp_path):
+    """`knnlm serve DS --replicas 2 --cache-dir D` without --address: an embedded Ray that a separate
+    `ray.init(address="auto")` + `Retriever.connect(DS)` reaches; Ctrl-C stops it. (A private TMPDIR
+    keeps "auto" away from the other Rays on this machine.)"""
+    uri = flat2
+    tmp = tempfile.mkdtemp(prefix="sf-", dir="/tmp")                  # short: Ray's socket paths live under it
+    env = dict(os.environ, TMPDIR=tmp, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+    srv = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", uri, "--replicas", "2", "--cache-dir",
+                            str(tmp_path / "cache")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    lines = []
+    try:
+        t0 = time.time()
+        for line in srv.stdout:
+            lines.append(line)
+            if "Ctrl-C stops" in line:
+                break
+            assert time.time() - t0 < 120, "".join(lines)
+        assert srv.poll() is None, "".join(lines)
+        client = ("import ray, sys, numpy as np\nfrom retriever import Retriever\nray.init(address='auto')\n"
+                  "r = Retriever.connect(sys.argv[1])\nres = r.search(np.zeros((3, 32), np.float32), k=4, nprobe=2)\n"
+                  "print('OK', res.ids.shape, sum(len(v) for v in r.servers.values()))\n")
+        c = subprocess.run([sys.executable, "-c", client, uri], env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert "OK (3, 4) 4" in c.stdout, c.stdout + c.stderr
+        srv.send_signal(2)                                              # Ctrl-C
+        rest, _ = srv.communicate(timeout=60)
+        assert srv.returncode == 0 and "stopped" in rest, "".join(lines) + rest
+    finally:
+        if srv.poll() is None:
+            os.killpg(srv.pid, 9)
+            srv.wait()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,259 @@
+"""Tokenization in byte ranges (builder/corpus_ranges.py): the same tokens, sequences, records and skipped
+records as `tokenize_file`'s one pass, on files where a naive cut changes a token; a build whose files are
+cut into ranges; peak memory bounded by the chunk, not the file."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_tokenizer, write_text
+
+from builder import build_tokens
+from builder import corpus_ranges as cr
+from builder.corpus import detect_format, split_wikitext, tokenize_file
+from builder.layout import tokens_meta_path, tokens_part_meta_path, tokens_path
+from builder.storage import Storage
+
+WORDS = ["the", "quick", "brown", "fox", "über", "naïve", "日本語", "😀x", "a,b", "3,000", "\n", "\n\n", "\n\n\n",
+         " ", "  ", "\t", "don't", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rtok")
+    return {False: make_tokenizer(str(root / "plain"), bos=False), True: make_tokenizer(str(root / "bos"), bos=True)}
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(WORDS) + rng.choice(["", " "]) for _ in range(n))
+
+
+def text_file(seed: int) -> bytes:
+    """Runs of blank lines, "\\n\\n" and multi-byte characters everywhere (so at many cuts), one long line."""
+    rng = random.Random(seed)
+    return (_words(rng, 300) + "x" * 500 + "\n" + _words(rng, 300) + "\n\n\n\n").encode()
+
+
+def wiki_file(seed: int) -> bytes:
+    rng = random.Random(seed)
+    out = [" \n", _words(rng, 5) + "\n"]                                   # a preamble
+    for a in range(25):
+        out += [f" = Title {a} = \n", " \n"]
+        for s in range(rng.randint(0, 3)):
+            out.append(f" = = Section {s} = = \n" + _words(rng, rng.randint(1, 40)) + "\n")
+        if a == 5:
+            out.append(_words(rng, 300) + "\n")                             # an article larger than a range
+        if a == 9:
+            out.append(" \n \n")
+    return "".join(out).encode()
+
+
+def jsonl_file(seed: int) -> bytes:
+    rng = random.Random(seed)
+    lines = [b""] * 3 + [b"{oops"] * 2                                      # no usable record in the first bytes
+    for i in range(60):
+        r = rng.random()
+        lines.append(b"" if r < .08 else b'{"text": "ok \xff\xfe"}' if r < .13 else b"{oops" if r < .18 else
+                     json.dumps({"text": "  \n "}).encode() if r < .23 else json.dumps({"text": "a"}).encode()
+                     if r < .28 else json.dumps({"x": 1}).encode() if r < .31 else
+                     json.dumps({"text": _words(rng, 300 if i == 20 else rng.randint(1, 30))}).encode())
+    return b"\n".join(lines) + b"\n"
+
+
+def ranged(data: bytes, uri: str, mode: str, tok, range_bytes: int = 200, chunk_bytes: int | None = None):
+    """(file meta, tokens) of `data` tokenized in ranges, every range on its own Source (as separate tasks)."""
+    read = lambda s, e: data[s:e]
+    fmt = detect_format(uri, "auto")
+    bounds, ranges = cr.chunk_grid(uri, len(data), fmt, mode, range_bytes, chunk_bytes, read)
+    parts, arrays = [], []
+    for j0, j1 in ranges:
+        out = io.BytesIO()
+        parts.append(cr.tokenize_range(cr.Source(uri, len(data), fmt, tok, read=read), mode, bounds, j0, j1, out))
+        arrays.append(np.frombuffer(out.getvalue(), "<i4"))
+    meta, use = cr.join_parts(parts, uri, fmt, mode)
+    return meta, (np.concatenate([arrays[k] for k in use]) if use else np.zeros(0, np.int32))
+
+
+def assert_same(data: bytes, uri: str, mode: str, tok, **kw) -> dict:
+    one = tokenize_file(data, uri, "auto", mode, tok)
+    meta, tokens = ranged(data, uri, mode, tok, **kw)
+    want = one.meta()
+    for k in ("format", "num_records", "num_tokens", "seq_lengths", "seq_records", "skipped"):
+        assert meta[k] == want[k], (uri, mode, k)
+    assert tokens.tolist() == one.tokens.tolist(), (uri, mode)
+    return meta
+
+
+def test_plan_ranges_cuts_at_record_boundaries():
+    wiki = wiki_file(0)
+    read = lambda s, e: wiki[s:e]
+    cuts = cr.plan_ranges("/d/w.tokens", len(wiki), "auto", "document", 200, read)
+    assert len(cuts) > 5 and cuts[0] == 0 and cuts[-1] == len(wiki)
+    titles = {0} | {sum(len(a) for _, a in split_wikitext(wiki)[:k]) for k in range(1, 40)}
+    assert set(cuts[1:-1]) <= titles                      # article titles only, never a section heading
+    assert all(b - a >= 200 for a, b in zip(cuts[:-2], cuts[1:-1]))
+    for uri, mode in (("/d/w.tokens", "stream"), ("/d/a.txt", "stream"), ("/d/j.jsonl", "document")):
+        cuts = cr.plan_ranges(uri, len(wiki), "auto", mode, 200, read)
+        assert len(cuts) > 10 and all(wiki[c - 1:c] == b"\n" for c in cuts[1:-1])
+    assert cr.plan_ranges("/d/a.txt", len(wiki), "auto", "document", 200, read) == [0, len(wiki)]
+    assert cr.plan_ranges("/d/a.txt", 100, "auto", "stream", 200, read) == [0, 100]
+    one_line = b"x" * 1000
+    assert cr.plan_ranges("/d/a.txt", 1000, "auto", "stream", 200, lambda s, e: one_line[s:e]) == [0, 1000]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("mode", ["stream", "document"])
+def test_ranges_give_the_one_pass_tokens(toks, bos, mode, monkeypatch):
+    """200-byte ranges (and 100-byte chunks inside them) with 64 bytes of context: many cuts, each next to a
+    "\\n\\n", a word or a multi-byte character in some file."""
+    monkeypatch.setattr(cr, "MARGIN_BYTES", 64)
+    tok = toks[bos]
+    for seed in range(3):
+        for data, uri in ((text_file(seed), "/d/a.txt"), (wiki_file(seed), "/d/w.tokens"), (jsonl_file(seed), "/d/j.jsonl")):
+            meta = assert_same(data, uri, mode, tok)
+            if uri.endswith(".txt") and mode == "document":
+                assert meta["ranges"] == 1                   # one record: never cut
+            else:
+                assert meta["ranges"] > 5
+            assert_same(data, uri, mode, tok, range_bytes=300, chunk_bytes=100)
+
+
+def test_ranges_edge_files(toks):
+    """Nothing usable, a bad byte late in the file, blank runs: the same skipped records as one pass."""
+    for bos in (False, True):
+        for data, uri in ((b" \n" * 300, "/d/e.txt"), (b"ok\n" * 150 + b"\xff\n" + b"ok\n" * 150, "/d/e.txt"),
+                          (b"\n" * 500, "/d/e.jsonl"), (b"\n" * 400 + b'{"text": "a b"}\n', "/d/e.jsonl"),
+                          (b'{"text": "a"}\n' + b"\n" * 400, "/d/e.jsonl"), (b"x\n" + b" \n" * 300, "/d/e.tokens"),
+                          (b"\n\n" * 300, "/d/e.tokens")):
+            for mode in ("stream", "document"):
+                assert_same(data, uri, mode, toks[bos])
+
+
+def test_no_agreed_cut_widens_the_context(toks, monkeypatch, caplog):
+    """With 8 bytes of context a cut is rarely certain: the margin grows (and says so), tokens stay exact."""
+    monkeypatch.setattr(cr, "MARGIN_BYTES", 8)
+    with caplog.at_level(logging.INFO, logger="builder.corpus_ranges"):
+        assert_same(text_file(7), "/d/a.txt", "stream", toks[True])
+    assert "widening the context" in caplog.text
+
+
+def test_tokenize_input_in_ranges_writes_the_one_pass_files(toks, tmp_path, monkeypatch):
+    """The build's task on a local file forced into ranges: tokens/<i>.bin byte-identical, the meta equal but
+    for "ranges"; a rerun keeps finished parts and redoes only a missing one."""
+    tok_path = str(tmp_path / "tok")
+    toks[True].save_pretrained(tok_path)
+    data = wiki_file(3)
+    src = write_text(tmp_path / "in" / "w.tokens", data)
+    one = Storage.from_uri(str(tmp_path / "one"))
+    m1 = build_tokens.tokenize_input(0, src, "auto", "stream", "text", tok_path, one.uri)
+    assert m1["ranges"] == 1
+    monkeypatch.setattr(cr, "RANGE_BYTES", 400)
+    monkeypatch.setattr(cr, "CHUNK_BYTES", 150)
+    many = Storage.from_uri(str(tmp_path / "many"))
+    m2 = build_tokens.tokenize_input(0, src, "auto", "stream", "text", tok_path, many.uri)
+    assert m2["ranges"] > 3 and list(m2) == list(m1)
+    assert {k: v for k, v in m2.items() if k != "ranges"} == {k: v for k, v in m1.items() if k != "ranges"}
+    assert many.read_bytes(tokens_path(0)) == one.read_bytes(tokens_path(0))
+    assert many.list("tokens/") == [tokens_path(0), tokens_meta_path(0)]          # the parts are gone
+    # resume: parts 0 and 2 finished earlier (part 0 made up, to prove it is kept), 1 missing
+    bounds, ranges = cr.chunk_grid(src, len(data), "wikitext", "stream")
+    for k in (0, 2):
+        build_tokens.tokenize_part(1, k, src, "auto", "stream", "text", tok_path, many.uri, bounds, *ranges[k])
+    fake = json.loads(many.read_text(tokens_part_meta_path(1, 0)))
+    fake["skipped"] = [{"record": 0, "where": "x", "reason": "kept"}]
+    many.write_text(tokens_part_meta_path(1, 0), json.dumps(fake))
+    parts = [build_tokens.tokenize_part(1, k, src, "auto", "stream", "text", tok_path, many.uri, bounds, *r)
+             for k, r in enumerate(ranges)]
+    assert parts[0]["skipped"][0]["reason"] == "kept" and parts[1]["num_tokens"] > 0
+
+
+@pytest.mark.s3
+def test_ranged_tokens_on_s3(toks, tmp_path, s3_bucket, monkeypatch):
+    """Input and datastore on S3: ranged reads of the input, parts joined by Storage.compose."""
+    import boto3
+    tok_path = str(tmp_path / "tok")
+    toks[False].save_pretrained(tok_path)
+    data = jsonl_file(4)
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="in/c.jsonl", Body=data)
+    monkeypatch.setattr(cr, "RANGE_BYTES", 500)
+    monkeypatch.setattr(cr, "CHUNK_BYTES", 200)
+    st = Storage.from_uri(f"s3://{s3_bucket}/ds")
+    meta = build_tokens.tokenize_input(0, f"s3://{s3_bucket}/in/c.jsonl", "auto", "stream", "text", tok_path, st.uri)
+    one = tokenize_file(data, f"s3://{s3_bucket}/in/c.jsonl", "auto", "stream", toks[False])
+    assert meta["ranges"] > 3 and meta["skipped"] == one.skipped and meta["sha256"] == one.sha256
+    assert np.frombuffer(st.read_bytes(tokens_path(0)), "<i4").tolist() == one.tokens.tolist()
+
+
+_PEAK = r"""
+import resource, sys, tempfile
+from builder import build_tokens
+from builder import corpus_ranges as cr
+cr.RANGE_BYTES = int(sys.argv[3])
+with tempfile.TemporaryDirectory() as out:
+    build_tokens.tokenize_input(0, sys.argv[1], "text", "stream", "text", sys.argv[2], out)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_kb(path: str, tok_path: str, range_bytes: int) -> int:
+    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, str(range_bytes)], capture_output=True, text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded_by_the_chunk_not_the_file(shared_model, wikitext_splits, tmp_path):
+    """Stream mode, the real GPT-2 tokenizer on WikiText-2 text, 1 MB ranges: a 15 MB file peaks within 1.5x
+    of a 1.5 MB one (30 MB against 3 MB measured 361 and 358 MB); one pass grows with the file (0.5 MB against
+    3 MB: 376 and 765 MB; a 30 MB one pass would need ~5 GB)."""
+    with open(os.path.join(wikitext_splits, "train.txt"), "rb") as fh:
+        block = fh.read()
+    files = {n: write_text(tmp_path / f"{n}.txt", (block * 16)[:int(n * (1 << 20))]) for n in (0.5, 1.5, 3, 15)}
+    ranged_small, ranged_big = _peak_kb(files[1.5], shared_model, 1 << 20), _peak_kb(files[15], shared_model, 1 << 20)
+    one_small, one_big = _peak_kb(files[0.5], shared_model, 1 << 40), _peak_kb(files[3], shared_model, 1 << 40)
+    print(f"peak RSS MB: ranged 1.5MB {ranged_small / 1024:.0f}, 15MB {ranged_big / 1024:.0f}; "
+          f"one pass 0.5MB {one_small / 1024:.0f}, 3MB {one_big / 1024:.0f}")
+    assert ranged_big <= 1.5 * ranged_small
+    assert one_big >= 1.5 * one_small and one_big >= 1.5 * ranged_small
+
+
+@pytest.fixture(scope="module")
+def one_range_build(tiny_models, tmp_path_factory, ray_cluster):
+    from test_build import small_cfg
+
+    from builder.build import build
+    root = tmp_path_factory.mktemp("ranges-build")
+    f = write_text(root / "in" / "w.tokens", wiki_file(5)[:3000])
+    build(small_cfg([f], tiny_models["llama"], root / "one", mode="stream"))
+    return f, root / "one"
+
+
+@pytest.mark.parametrize("where", ["driver", pytest.param("ray", marks=pytest.mark.slow)])
+def test_build_in_ranges_gives_the_same_datastore(one_range_build, tiny_models, tmp_path, where, monkeypatch):
+    """A build whose input is cut into ranges, on the driver or as Ray tasks (parts, hash, join): key shards
+    and tokens files byte-identical to the build of the same file in one range (stream mode, BOS)."""
+    from test_build import small_cfg
+
+    from builder.build import build
+    f, one_root = one_range_build
+    monkeypatch.setattr(cr, "RANGE_BYTES", 400 if where == "driver" else 1000)
+    monkeypatch.setattr(cr, "CHUNK_BYTES", 150)
+    if where == "ray":
+        monkeypatch.setattr(build_tokens, "DRIVER_TOKENIZE_BYTES", 0)
+    build(small_cfg([f], tiny_models["llama"], tmp_path / "ds", mode="stream"))
+    one, st = Storage.from_uri(str(one_root)), Storage.from_uri(str(tmp_path / "ds"))
+    files = [p for p in one.list() if p.startswith(("shards/", "tokens/")) and p.endswith((".parquet", ".bin"))]
+    assert json.loads(st.read_text(tokens_meta_path(0)))["ranges"] >= 3
+    assert len(files) > 2 and st.list("shards/") == one.list("shards/")
+    assert st.list("tokens/") == one.list("tokens/")                   # no part left
+    for p in files:
+        assert st.read_bytes(p) == one.read_bytes(p), p

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--out", default=None, help="where the datastore and caches go (default: a temp dir)")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--eval-fraction", type=float, default=1.0,
+                    help="evaluate and tune on the first FRACTION of valid.txt's and test.txt's lines (a quicker run)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("faiss.loader", "builder", "cluster", "retriever.router", "retriever.server", "faiss.contrib"):
@@ -74,7 +76,17 @@ def main(argv=None) -> int:
     ds = os.path.join(root, "ds")
     figures: dict = {}
     split = {s: os.path.join(a.splits, f"{s}.txt") for s in ("train", "valid", "test")}
+    if not 0 < a.eval_fraction <= 1:
+        ap.error(f"--eval-fraction must be in (0, 1], got {a.eval_fraction}")
     try:
+        if a.eval_fraction < 1:           # the first lines of valid and test, as files of their own
+            os.makedirs(root, exist_ok=True)
+            for s in ("valid", "test"):
+                with open(split[s], encoding="utf-8") as f:
+                    lines = f.readlines()
+                split[s] = os.path.join(root, f"{s}-head.txt")
+                with open(split[s], "w", encoding="utf-8") as f:
+                    f.writelines(lines[:max(1, int(len(lines) * a.eval_fraction))])
         t = time.perf_counter()
         res = build(BuildConfig(corpus=[split["train"]], model=a.model, out=ds, format="wikitext", mode="stream",
                                 window=512, min_context=256, progress=False))

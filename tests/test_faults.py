@@ -1,8 +1,10 @@
 """The fault suite's quick subset, run as its users run it: `python bench/bench_faults.py --quick`, a real
 3-node Ray cluster on this machine (tests/ray_nodes.py), the datastore and corpus on a moto S3 server behind
-the fault proxy, the tiny GPT-2; worker kills, 10% of S3 requests failing, a driver killed inside the
-manifest commit and rerun, and a whole worker node killed mid-build, each compared byte for byte with an
-uninterrupted run. Where `unshare -n` is permitted the suite runs in a private network namespace with only
+the fault proxy, the tiny GPT-2; a whole worker node killed mid-build, compared byte for byte with an
+uninterrupted run. CI runs this one scenario only (each one is a build, train-index and add of its own, and
+the whole quick suite took 5-15 minutes of CI): worker kills, S3 faults and driver kills have in-process
+tests of their own (test_build, test_index, test_ingest, test_s3_faults, test_serve_faults), and
+`python bench/bench_faults.py --quick` runs every scenario, the manifest-commit kill included, on the cluster. Where `unshare -n` is permitted the suite runs in a private network namespace with only
 a loopback interface, and no listening socket of the run may be reachable from outside this machine."""
 from __future__ import annotations
 
@@ -44,17 +46,16 @@ def test_exposure_tells_loopback_from_any_address(tmp_path):
         assert "'any_address_in_loopback_only_ns': 1" in out and "'exposed': []" in out, out
 
 
-def test_quick_suite_recovers_every_fault_and_exposes_no_port(tmp_path):
+def test_quick_suite_recovers_a_node_kill_and_exposes_no_port(tmp_path):
     out = tmp_path / "faults.json"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_faults.py"), "--quick",
-                           "--scenarios", "worker_kills,s3_faults,commit_kill:0,node_kill", "--out", str(out)],
+                           "--scenarios", "node_kill", "--out", str(out)],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=2400)
     print(proc.stdout[-6000:])
     assert out.exists(), proc.stdout[-4000:]
     res = json.loads(out.read_text())
     faults = {r["fault"].split(" (")[0]: r for r in res["rows"]}
-    assert {"worker kill", "S3 requests failing", "driver kill in manifest commit", "worker node kill"} \
-        <= set(faults), sorted(faults)
+    assert "worker node kill" in faults, sorted(faults)
     assert res["all_recovered"], proc.stdout[-4000:]
     for r in res["rows"]:
         assert r["injected"] > 0 and r["recovered"] == r["injected"], r

@@ -414,15 +414,16 @@ def test_a_dead_worker_has_its_chunk_redone_and_overlap_warns(ds, tmp_path, capl
 def test_real_text_knnlm_beats_the_base_lm(tmp_path, ray_cluster, shared_model, wikitext_splits, wt2_train_root):
     """WikiText-2 end to end (bench/wikitext2_knnlm.py: build the train split with the shared small GPT-2,
     IVF-PQ, eval valid/test, tune on valid): the tuned kNN-LM is clearly better on test, with IVF-PQ
-    distances and with exact re-ranking."""
+    distances and with exact re-ranking. Valid and test are their first quarter (`--eval-fraction 0.25`):
+    the bench's five passes over both splits took ~10 minutes of CI; the README's table is the full run."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import wikitext2_knnlm
     assert wikitext2_knnlm.main(["--out", str(wt2_train_root), "--result", str(tmp_path / "r.json"),
-                                 "--model", shared_model, "--splits", wikitext_splits]) == 0
+                                 "--model", shared_model, "--splits", wikitext_splits, "--eval-fraction", "0.25"]) == 0
     fig = json.loads((tmp_path / "r.json").read_text())["figures"]
     base = fig["paper_settings"]["test"]["base_ppl"]
-    assert 140 < base < 155                      # the model's README: ~136 on valid, test a bit higher
+    assert 80 < base < 250                       # the model's README: ~136 on valid, ~147 on all of test
     assert fig["test_tuned"]["ivfpq"]["knnlm_ppl"] < 0.9 * base
     assert fig["test_tuned"]["exact_rerank"]["knnlm_ppl"] < 0.9 * base
     assert fig["tuned"]["valid_ppl"] < 0.9 * fig["tuned"]["valid_base_ppl"]

@@ -150,12 +150,12 @@ def tokenize_corpus(cfg, storage: Storage, lease: Lease, info: ModelInfo, inputs
         except NotFound:
             todo.append(i)
             continue
-        if is_old_format(metas[i]):
-            metas[i] = upgrade_tokens(storage, i, metas[i])
         size = size_uri(inputs[i])
         if size != metas[i]["bytes"]:
             raise BuildError(f"--corpus {inputs[i]} changed since this unfinished build tokenized it "
                              f"({metas[i]['bytes']} bytes then, {size} now); rerun with a new --out")
+        if is_old_format(metas[i]):
+            metas[i] = upgrade_tokens(storage, i, metas[i])
     if todo:
         _tokenize(cfg, storage, lease, info, inputs, formats, todo, metas)
     return metas

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.errors import KnnlmError
-from builder.seqs import table_rows
+from builder.seqs import count_targets, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,3 @@ def plan_windows(n: int, window: int, min_context: int) -> list[tuple[int, int, 
             return out
         prev_end = e
         s += stride
-
-
-def count_targets(lengths: list[int]) -> int:
-    return int(sum(max(0, n - 1) for n in lengths))

@@ -4,11 +4,12 @@
                       order (record: the record index in document mode, -1 in stream mode)
 
 It is written before tokens/<i>.json (the commit), which keeps only counts and bounded data: num_sequences,
-num_targets (sum of max(0, n - 1)), num_tokens, num_records, the first MAX_SKIPPED skipped records and
-num_skipped. Readers take rows [a, b) with one range read, so no stage holds a per-document list: the build
-plans units from the table in chunks (builder/unit.py), a key worker reads its unit's rows, provenance finds
-a record's sequence by binary search. A meta of the older format (the lists `seq_lengths` and
-`seq_records` in the JSON, no table) is read through the same `SeqTable`, from its lists.
+num_targets (sum of max(0, n - 1)), num_tokens, num_records, the first builder.corpus.MAX_SKIPPED (100)
+skipped records and num_skipped. Readers take rows [a, b) with one range read, so no stage holds a
+per-document list: the build plans units from the table in chunks (builder/unit.py), a key worker reads
+its unit's rows, provenance finds a record's sequence by binary search. A meta of the older format (the
+lists `seq_lengths` and `seq_records` in the JSON, no table) is read through the same `SeqTable`, from
+its lists; an unfinished build rewrites it with a table (build_tokens.upgrade_tokens).
 """
 from __future__ import annotations
 
@@ -77,17 +78,19 @@ def is_old_format(meta: dict) -> bool:
 
 
 def upgrade_meta(meta: dict, max_skipped: int) -> tuple[dict, np.ndarray]:
-    """(the meta in the table format, the table's rows) of an older-format meta."""
+    """(the meta in the table format, keys in the order a new one has them; the table's rows) of an
+    older-format meta."""
     rows = table_rows(meta["seq_lengths"], meta["seq_records"])
-    new = {k: v for k, v in meta.items() if k not in ("seq_lengths", "seq_records", "skipped")}
     skipped = sorted(meta["skipped"], key=lambda d: d["record"])
-    new.update(num_sequences=len(rows), num_targets=count_targets(rows[:, 1]), num_skipped=len(skipped),
-               skipped=skipped[:max_skipped])
+    new: dict = {}
+    for k, v in meta.items():
+        if k == "seq_lengths":
+            new.update(num_sequences=len(rows), num_targets=count_targets(rows[:, 1]))
+        elif k == "skipped":
+            new.update(num_skipped=len(skipped), skipped=skipped[:max_skipped])
+        elif k != "seq_records":
+            new[k] = v
     return new, rows
-
-
-def num_skipped(meta: dict) -> int:
-    return meta["num_skipped"] if "num_skipped" in meta else len(meta["skipped"])
 
 
 class SeqTable:

@@ -7,7 +7,10 @@ seeded-random sequence lengths (2..64 tokens; records with gaps, as skipped docu
 (builder/seqs.py) and tokens/<i>.json, beside sparse input files of the size the metas record. Then, in a
 fresh process per size, the driver's real code path runs: `build_tokens.tokenize_corpus` (which reads the
 committed metas back: nothing to tokenize) and `build.plan_build` (totals, the streamed plan, the committed
-units, the log line "N keys in M units"). Its peak RSS (ru_maxrss) and seconds are reported.
+units, the log line "N keys in M units"). Its peak RSS and seconds are reported: the peak is the child's
+VmHWM (/proc/self/status: the high-water mark of its own address space since its exec), with ru_maxrss
+beside it (on Linux ru_maxrss also counts the RSS of the process it was forked from, so the corpora are
+written by a separate process too and the parent that forks the children stays small).
 
 The baseline, measured in the same run: the driver before the sequence tables (commit ff5f857), i.e. metas
 holding the sequences as JSON lists, their totals by count_targets and the in-memory planner (one Segment per
@@ -113,8 +116,21 @@ def write_corpus(root: Path, n_docs: int, per_file: int, seed: int, old_format: 
 # ---------------------------------------------------------------------------------------------
 # the child processes
 
-NEW = r"""
-import hashlib, json, logging, resource, sys, time
+PEAK = r"""
+import resource
+
+def peak_mb():       # VmHWM: this process's own high-water mark since its exec (ru_maxrss where there is none)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def rusage_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+NEW = r"""import hashlib, json, logging, resource, sys, time
 from builder.build import plan_build
 from builder.build_tokens import tokenize_corpus
 from builder.config import BuildConfig
@@ -122,7 +138,7 @@ from builder.storage import Storage
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 root, inputs = sys.argv[1], json.loads(sys.argv[2])
 unit_tokens, W, C = (int(x) for x in sys.argv[3:6])
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = peak_mb()
 t = time.perf_counter()
 cfg = BuildConfig(corpus=inputs, model="bench", out=root, mode="document", window=W, min_context=C,
                   unit_tokens=unit_tokens, progress=False)
@@ -133,8 +149,8 @@ plan = plan_build(cfg, storage, inputs, metas, W, C)
 s = time.perf_counter() - t
 cuts = hashlib.sha256(json.dumps([[u.id, u.file, u.first, u.t0, u.last, u.t1] for u in plan.units]).encode())
 print(json.dumps({"keys": plan.total, "units": len(plan.units), "seconds": s, "metas_seconds": t_metas,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_after_imports_mb": rss0 / 1024, "cuts_sha256": cuts.hexdigest()}))
+                  "peak_rss_mb": peak_mb(), "ru_maxrss_mb": rusage_mb(), "rss_after_imports_mb": rss0,
+                  "cuts_sha256": cuts.hexdigest()}))
 """
 
 OLD = r"""
@@ -171,7 +187,7 @@ def plan_units(files, window, min_context, unit_tokens):      # builder.unit.pla
 
 root, inputs = sys.argv[1], json.loads(sys.argv[2])
 unit_tokens, W, C = (int(x) for x in sys.argv[3:6])
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = peak_mb()
 t = time.perf_counter()
 metas = [json.load(open(f"{root}/tokens/{i:06d}.json")) for i in range(len(inputs))]
 t_metas = time.perf_counter() - t
@@ -183,14 +199,24 @@ s = time.perf_counter() - t
 cuts = hashlib.sha256(json.dumps([[u.id, u.file, u.segments[0].seq, u.segments[0].t0, u.segments[-1].seq,
                                    u.segments[-1].t1] for u in units]).encode())
 print(json.dumps({"keys": total, "units": len(units), "seconds": s, "metas_seconds": t_metas,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rss_after_imports_mb": rss0 / 1024, "cuts_sha256": cuts.hexdigest()}))
+                  "peak_rss_mb": peak_mb(), "ru_maxrss_mb": rusage_mb(), "rss_after_imports_mb": rss0,
+                  "cuts_sha256": cuts.hexdigest()}))
 """
+
+
+def write_in_child(root: Path, n_docs: int, per_file: int, seed: int, old_format: bool) -> list[str]:
+    """`write_corpus` in a process of its own (the old format's lists take GBs at 10M documents)."""
+    job = json.dumps([str(root), n_docs, per_file, seed, old_format])
+    r = subprocess.run([sys.executable, __file__, "--write", job],
+                       env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"writing the corpus failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def run_child(code: str, root: Path, inputs: list[str], unit_tokens: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", code, str(root / "ds"), json.dumps(inputs), str(unit_tokens),
+    r = subprocess.run([sys.executable, "-c", PEAK + code, str(root / "ds"), json.dumps(inputs), str(unit_tokens),
                         str(WINDOW), str(MIN_CONTEXT)], env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"the child failed:\n{r.stderr[-3000:]}")
@@ -207,7 +233,12 @@ def main(argv=None) -> int:
     ap.add_argument("--unit-tokens", type=int, default=262144)
     ap.add_argument("--dir", default=None, help="where the synthetic corpora go (default: a temporary folder)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--write", default=None, help=argparse.SUPPRESS)     # the corpus writer's own process
     a = ap.parse_args(argv)
+    if a.write:
+        root, n_docs, per_file, seed, old_format = json.loads(a.write)
+        print(json.dumps(write_corpus(Path(root), n_docs, per_file, seed, old_format)))
+        return 0
     load, t0 = os.getloadavg(), time.perf_counter()
     figures: dict = {"new": {}, "baseline": {}}
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
@@ -215,14 +246,15 @@ def main(argv=None) -> int:
             for size in sorted(int(s) for s in sizes):
                 root = Path(d) / f"{kind}-{size}"
                 t = time.perf_counter()
-                inputs = write_corpus(root, size, a.docs_per_file, seed=size, old_format=kind == "baseline")
+                inputs = write_in_child(root, size, a.docs_per_file, seed=size, old_format=kind == "baseline")
                 setup = time.perf_counter() - t
                 f = run_child(OLD if kind == "baseline" else NEW, root, inputs, a.unit_tokens)
                 f |= {"documents": size, "files": len(inputs), "setup_seconds": setup}
                 figures[kind][str(size)] = f
                 print(f"{kind:<9} {size:>11,} documents in {len(inputs):>3} files: {f['keys']:>14,} keys in "
                       f"{f['units']:>6,} units, plan {f['seconds']:7.1f} s, peak RSS {f['peak_rss_mb']:7.0f} MB "
-                      f"({f['rss_after_imports_mb']:.0f} MB after imports)", flush=True)
+                      f"({f['rss_after_imports_mb']:.0f} MB after imports; ru_maxrss {f['ru_maxrss_mb']:.0f} MB)",
+                      flush=True)
                 shutil.rmtree(root)
     new, base = figures["new"], figures["baseline"]
     lo, hi = min(new, key=int), max(new, key=int)

@@ -115,7 +115,9 @@ def stream_units(files: Iterable[Iterable[np.ndarray]], window: int, min_context
         start = last = None        # (row, t0, offset) of the unit's first target; (row, n) of the last sequence
         for rows in chunks:
             n = rows[:, 1]
-            ends = base + np.cumsum(np.maximum(n - 1, 0))         # (k,) targets through each sequence
+            ends = np.maximum(n - 1, 0)                           # (k,) targets through each sequence:
+            np.cumsum(ends, out=ends)                             # in place (one array of the chunk's size)
+            ends += base
             while len(n) and ends[-1] > done:                     # the chunk holds target done + 1
                 if start is None:                                 # the unit starts there
                     s = int(np.searchsorted(ends, done + 1))      # its sequence (target j of one: position j)
@@ -129,10 +131,11 @@ def stream_units(files: Iterable[Iterable[np.ndarray]], window: int, min_context
                 e = _window_end(x - before + 1, int(n[s]), window, stride)
                 yield UnitSpan(uid, fi, start[0], start[1], row0 + s, e, start[2], before + e - 1 - done)
                 uid, done, start = uid + 1, before + e - 1, None
-            has = np.flatnonzero(n >= 2)
-            if has.size:
-                last = (row0 + int(has[-1]), int(n[has[-1]]))
+            if len(n) and ends[-1] > base:                        # the chunk's last sequence with targets
+                s = int(np.searchsorted(ends, ends[-1]))
+                last = (row0 + s, int(n[s]))
             base, row0 = int(ends[-1]) if len(n) else base, row0 + len(n)
+            del rows, n, ends                                     # before the next chunk is read: one at a time
         if done < base:                                           # the file's last unit
             yield UnitSpan(uid, fi, start[0], start[1], last[0], last[1], start[2], base - done)
             uid += 1

@@ -37,6 +37,7 @@ class ContextReader:
         self.removed_docs = removed_doc_ranges(m)
         self.removed_ids = removed_ranges(m)
         self._metas: dict[int, dict] = {}
+        self._tables: dict[int, SeqTable] = {}
         self._offsets: dict[int, int] = {}       # doc → token offset of its sequence (document mode)
 
     def _tokens_path(self, f: int) -> str:
@@ -72,7 +73,9 @@ class ContextReader:
     def _offset(self, f: int, doc: int) -> int:
         """Where document `doc` (of file f) starts in the file's tokens: its record's row of the table."""
         if doc not in self._offsets:
-            table = SeqTable(self.storage, self._tokens_path(f), self.meta(f))
+            if f not in self._tables:
+                self._tables[f] = SeqTable(self.storage, self._tokens_path(f), self.meta(f))
+            table = self._tables[f]
             seq = table.find_record(doc - int(self.doc_base[f]))
             if seq is None:
                 raise EvalError(f"document {doc} has no tokens in {self.storage.url(self._tokens_path(f))} "

@@ -64,7 +64,7 @@ from builder.lease import Lease  # noqa: E402
 from builder.manifest import load_manifest, parse_manifest, write_manifest  # noqa: E402
 from builder.modelinfo import ModelInfo  # noqa: E402
 from builder.storage import Storage  # noqa: E402
-from builder.unit import Segment, Unit  # noqa: E402
+from builder.unit import UnitSpan  # noqa: E402
 from builder.versions import publish  # noqa: E402
 from bench_scale import start_moto  # noqa: E402  (moto on a free port, AWS_* set for it)
 
@@ -120,10 +120,10 @@ def synthetic(n: int, uri: str, shard_digest: str, shard_bytes: int):
         length = k * ROWS + 1                                    # one stream sequence: k * ROWS targets
         metas.append({"uri": inputs[f], "format": "text", "bytes": 4 * length, "sha256": "sha256:" + f"{f:064x}",
                       "num_records": 1000, "num_tokens": length, "tokens": f"tokens/{f:06d}.bin",
-                      "seq_lengths": [length], "seq_records": [-1], "skipped": []})
+                      "num_sequences": 1, "num_targets": length - 1, "num_skipped": 0, "skipped": []})
         for j in range(k):
             u = len(units)
-            units.append(Unit(u, f, (Segment(0, 0, length, j * ROWS + 1, (j + 1) * ROWS + 1, -1),)))
+            units.append(UnitSpan(u, f, 0, j * ROWS + 1, 0, (j + 1) * ROWS + 1, 0, ROWS))
             # what builder.unit.run_unit writes as the unit's commit record
             records[u] = {"unit": u, "file": f, "num_rows": ROWS,
                           "shards": [{"path": key_shard_path(u, 0), "num_rows": ROWS, "checksum": shard_digest,
@@ -224,7 +224,7 @@ def run_size(n: int, kind: str, root: str, reqs: RequestCount | None, threads: i
     return row
 
 
-def _read_all(storage: Storage, units: list[Unit]) -> dict:
+def _read_all(storage: Storage, units: list[UnitSpan]) -> dict:
     records: dict = {}
     read_unit_records(storage, units, records)
     return records

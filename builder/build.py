@@ -3,7 +3,7 @@
 Stages read only artifacts under the datastore root (builder/layout.py), so a killed driver or
 worker loses at most the units in flight:
 
-    tokens/<file>.bin|.json     tokenized inputs (int32 LE tokens + sequence lengths)
+    tokens/<file>.bin|.seqs|.json  tokenized inputs (int32 LE tokens, sequence table, counts)
     shards/<unit>-<part>.parquet key shards (deterministic names)
     _build/request.json         the identity of the build in progress
     _build/units/<unit>.json    a unit's commit record (its shards, rows, checksums)
@@ -16,6 +16,7 @@ The stages: builder/build_tokens.py (tokenize), builder/unit.py (plan), builder/
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from builder.build_keys import run_key_stage, start_workers
 from builder.build_manifest import assemble_manifest, commit_manifest, read_unit_records
 from builder.build_tokens import tokenize_corpus
 from builder.config import BuildConfig
-from builder.corpus import count_targets, detect_format
+from builder.corpus import detect_format
 from builder.layout import BUILD_REQUEST, MANIFEST, TOKENS_DIR, UNITS_DIR, unit_record_id
 from builder.keys import default_compute_dtype
 from builder.lease import Lease
@@ -36,8 +37,9 @@ from builder.manifest import Manifest, compare_identity, load_manifest
 from builder.model_dir import config_dtype
 from builder.modelinfo import ModelInfo, config_max_positions, inspect_model, resolve_model_dir
 from builder.runtime import check_reachable, cluster_resources, max_node_cpus, ray_session
+from builder.seqs import SeqTable
 from builder.storage import NotFound, Storage, StorageError, expand_inputs
-from builder.unit import Unit, plan_units
+from builder.unit import UnitSpan, stream_units
 
 log = logging.getLogger(__name__)
 SHOW_SKIPPED = 20
@@ -174,37 +176,16 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     if n_clean:
         log.info("cleaned up %d incomplete writes of an earlier attempt", n_clean)
 
-    # ---- tokenize -------------------------------------------------------------------------
+    # ---- tokenize, plan --------------------------------------------------------------------
     metas = tokenize_corpus(cfg, storage, lease, info, inputs, formats)
     marks["tokenized"] = time.perf_counter() - marks["t0"]
+    plan = plan_build(cfg, storage, inputs, metas, window, min_context)
+    total, units, pending_units = plan.total, plan.units, plan.pending
 
-    skipped = [(inputs[i], s) for i, m in enumerate(metas) for s in m["skipped"]]
-    for uri, s in skipped[:SHOW_SKIPPED]:
-        log.warning("skipped %s %s: %s", uri, s["where"], s["reason"])
-    if len(skipped) > SHOW_SKIPPED:
-        log.warning("... and %d more skipped documents", len(skipped) - SHOW_SKIPPED)
-    total = sum(count_targets(m["seq_lengths"]) for m in metas)
-    if total == 0:
-        # nothing to resume: forget the tokenized inputs so a rerun after fixing the corpus reads it again
-        storage.delete_prefix(TOKENS_DIR)
-        storage.delete(BUILD_REQUEST)
-        first = f"; first: {skipped[0][0]} {skipped[0][1]['where']}: {skipped[0][1]['reason']}" if skipped else ""
-        raise BuildError(f"the corpus ({len(inputs)} input files) has no usable document: "
-                         f"{len(skipped)} skipped (empty, undecodable, without the text field or shorter than "
-                         f"2 tokens){first}; check --corpus, --format and --text-field")
-
-    # ---- plan -----------------------------------------------------------------------------
-    doc_base = np.concatenate([[0], np.cumsum([m["num_records"] for m in metas])]).tolist()
-    units = plan_units([(m["seq_lengths"], m["seq_records"]) for m in metas], window, min_context,
-                       cfg.unit_tokens)
-    committed = {unit_record_id(p) for p in storage.list(UNITS_DIR)}
-    pending_units = [u for u in units if u.id not in committed]
-    log.info("%d keys in %d units (%d already committed)", total, len(units), len(units) - len(pending_units))
-
-    def params(u: Unit) -> dict:  # builder.unit.UnitParams
+    def params(u: UnitSpan) -> dict:  # builder.unit.UnitParams
         return dict(window=window, min_context=min_context, mode=cfg.mode, batch_size=cfg.batch_size,
                     shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows, file_uri=inputs[u.file],
-                    doc_base=doc_offset + (doc_base[u.file] if cfg.mode == "document" else u.file), pad_id=0,
+                    doc_base=doc_offset + (plan.doc_base[u.file] if cfg.mode == "document" else u.file), pad_id=0,
                     writer_threads=4 if use_cuda else 1)
 
     # ---- keys -----------------------------------------------------------------------------
@@ -220,9 +201,47 @@ def _build_locked(cfg, storage: Storage, lease: Lease, actors: list, info: Model
     stage_ends = {k: v for k, v in marks.items() if k != "t0"}
     manifest = assemble_manifest(cfg, info, ident, metas, units, records, window=window, min_context=min_context,
                                  compute_dtype=compute_dtype, device="cuda" if use_cuda else "cpu",
-                                 num_skipped=len(skipped), stage_ends=stage_ends)
+                                 num_skipped=plan.num_skipped, stage_ends=stage_ends)
     commit_manifest(storage, lease, manifest)
     stage_ends["committed"] = time.perf_counter() - marks["t0"]
     return BuildResult(manifest, seconds=stage_ends["committed"], stats=stage_ends, units_run=len(pending_units),
                        units_skipped=len(units) - len(pending_units), keys_written=keys_written,
-                       skipped_documents=len(skipped))
+                       skipped_documents=plan.num_skipped)
+
+
+@dataclass
+class Plan:
+    """What the driver holds of the corpus for the key stage: counts and compact units, O(files + units)."""
+    total: int                  # keys (targets) of the corpus
+    units: list[UnitSpan]
+    pending: list[UnitSpan]     # those no earlier run committed
+    doc_base: list[int]         # (files + 1,) the first document index of each file (document mode)
+    num_skipped: int            # skipped documents
+
+
+def plan_build(cfg, storage: Storage, inputs: list[str], metas: list[dict], window: int, min_context: int) -> Plan:
+    """The build's plan from the tokens metas' counts and the sequence tables (read in chunks of
+    builder.seqs.CHUNK_ROWS rows: the driver's memory does not grow with the documents); logs the first
+    skipped documents and "N keys in M units (K already committed)". A corpus without a usable document
+    is refused (its tokens forgotten, so a rerun after fixing it reads it again)."""
+    num_skipped = sum(m["num_skipped"] for m in metas)
+    shown = list(itertools.islice(((inputs[i], s) for i, m in enumerate(metas) for s in m["skipped"]), SHOW_SKIPPED))
+    for uri, s in shown:
+        log.warning("skipped %s %s: %s", uri, s["where"], s["reason"])
+    if num_skipped > len(shown):
+        log.warning("... and %d more skipped documents", num_skipped - len(shown))
+    total = sum(m["num_targets"] for m in metas)
+    if total == 0:
+        storage.delete_prefix(TOKENS_DIR)
+        storage.delete(BUILD_REQUEST)
+        first = f"; first: {shown[0][0]} {shown[0][1]['where']}: {shown[0][1]['reason']}" if shown else ""
+        raise BuildError(f"the corpus ({len(inputs)} input files) has no usable document: "
+                         f"{num_skipped} skipped (empty, undecodable, without the text field or shorter than "
+                         f"2 tokens){first}; check --corpus, --format and --text-field")
+    doc_base = np.concatenate([[0], np.cumsum([m["num_records"] for m in metas])]).tolist()
+    tables = [SeqTable(storage, m["tokens"], m) for m in metas]
+    units = list(stream_units((t.chunks() for t in tables), window, min_context, cfg.unit_tokens))
+    committed = {unit_record_id(p) for p in storage.list(UNITS_DIR)}
+    pending = [u for u in units if u.id not in committed]
+    log.info("%d keys in %d units (%d already committed)", total, len(units), len(units) - len(pending))
+    return Plan(total, units, pending, doc_base, num_skipped)

@@ -1,8 +1,10 @@
 """The build's key stage: key worker actors (each holds the model) run the planned units.
 
 `KeyWorkerImpl` is a thin actor around `builder.unit.run_unit` (its process title reads
-`ray::KeyWorkerImpl.run`: operators find key workers by that name); `run_key_stage` hands units
-to the workers with builder.dispatch and shows progress (a tqdm bar, or log lines without one).
+`ray::KeyWorkerImpl.run`: operators find key workers by that name); it gets a unit's compact span and
+reads the unit's sequences itself (`builder.unit.load_unit`), so the driver never ships per-document
+data. `run_key_stage` hands units to the workers with builder.dispatch and shows progress (a tqdm bar,
+or log lines without one).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from builder.dispatch import DispatchError, dispatch
 from builder.keys import load_encoder
 from builder.lease import Lease
 from builder.storage import Storage
-from builder.unit import Unit, UnitParams, run_unit
+from builder.unit import UnitParams, UnitSpan, load_unit, run_unit
 
 log = logging.getLogger(__name__)
 MAX_UNIT_ATTEMPTS = 3            # tries of a unit whose own call failed transiently (a dead worker's are free)
@@ -52,8 +54,8 @@ class KeyWorkerImpl:
         return self.unit_rows
 
     @ray.method(concurrency_group="compute")
-    def run(self, unit: dict, params: dict) -> dict:
-        u = Unit.from_dict(unit)
+    def run(self, span: dict, params: dict) -> dict:
+        u = load_unit(UnitSpan.from_dict(span), self.storage)
         self.unit_rows = (u.id, 0)
 
         def on_rows(n: int) -> None:
@@ -83,7 +85,7 @@ def start_workers(cfg, storage: Storage, model_dir: str, use_cuda: bool, cpus: i
             for _ in range(n_workers)]
 
 
-def run_key_stage(cfg, lease: Lease, actors: list, units: list[Unit], params: Callable[[Unit], dict],
+def run_key_stage(cfg, lease: Lease, actors: list, units: list[UnitSpan], params: Callable[[UnitSpan], dict],
                   records: dict[int, dict], total: int, done_before: int, marks: dict) -> int:
     """Run `units` on the worker actors, their commit records into `records`; return the rows written.
 
@@ -119,7 +121,7 @@ def run_key_stage(cfg, lease: Lease, actors: list, units: list[Unit], params: Ca
             return None
         return actors[a].ping.remote()
 
-    def done(u: Unit, rec: dict) -> None:
+    def done(u: UnitSpan, rec: dict) -> None:
         nonlocal written, n_shards
         records[u.id] = rec
         marks.setdefault("first_unit", time.perf_counter() - marks["t0"])

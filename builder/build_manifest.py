@@ -11,7 +11,6 @@ import time
 
 from builder.build_errors import BuildError
 from builder.config import BuildConfig
-from builder.corpus import count_targets
 from builder.faults import maybe_fault
 from builder.key_shards import SHARD_FORMAT
 from builder.layout import BUILD_REQUEST, KEY_SHARDS_DIR, MANIFEST, UNITS_DIR, unit_record_path
@@ -19,12 +18,12 @@ from builder.lease import Lease
 from builder.manifest import Manifest, package_versions
 from builder.modelinfo import ModelInfo
 from builder.storage import Storage
-from builder.unit import Unit
+from builder.unit import UnitSpan
 
 RECORD_READERS = 16              # a resumed build reads thousands of small unit records: in parallel
 
 
-def read_unit_records(storage: Storage, units: list[Unit], records: dict[int, dict]) -> None:
+def read_unit_records(storage: Storage, units: list[UnitSpan], records: dict[int, dict]) -> None:
     """Add to `records` (unit id → commit record) those of units an earlier run committed."""
     missing = [u.id for u in units if u.id not in records]
     with cf.ThreadPoolExecutor(RECORD_READERS) as pool:
@@ -32,13 +31,14 @@ def read_unit_records(storage: Storage, units: list[Unit], records: dict[int, di
             records[uid] = json.loads(text)
 
 
-def assemble_manifest(cfg: BuildConfig, info: ModelInfo, ident: dict, metas: list[dict], units: list[Unit],
+def assemble_manifest(cfg: BuildConfig, info: ModelInfo, ident: dict, metas: list[dict], units: list[UnitSpan],
                       records: dict[int, dict], *, window: int, min_context: int, compute_dtype: str,
                       device: str, num_skipped: int, stage_ends: dict) -> Manifest:
     """The manifest of a build whose units are all committed (`records` holds every unit's record).
 
-    Shards are listed in unit order, which is corpus order, with first_id the running row count."""
-    total = sum(count_targets(m["seq_lengths"]) for m in metas)
+    Shards are listed in unit order, which is corpus order, with first_id the running row count; the files'
+    entries come from their tokens metas' counts (builder/seqs.py)."""
+    total = sum(m["num_targets"] for m in metas)
     shards, first_id = [], 0
     for u in units:
         for s in records[u.id]["shards"]:
@@ -50,8 +50,7 @@ def assemble_manifest(cfg: BuildConfig, info: ModelInfo, ident: dict, metas: lis
     files = []
     for m in metas:
         files.append({k: m[k] for k in ("uri", "format", "bytes", "sha256", "num_records", "num_tokens", "tokens")}
-                     | {"num_sequences": len(m["seq_lengths"]), "num_keys": count_targets(m["seq_lengths"]),
-                        "skipped": len(m["skipped"])})
+                     | {"num_sequences": m["num_sequences"], "num_keys": m["num_targets"], "skipped": m["num_skipped"]})
     manifest = Manifest(
         num_keys=total, dim=info.hidden_size, model=info.model_dict(), tokenizer=info.tokenizer_dict(),
         key_layer=cfg.key_layer, key_module=info.key_module, window=window, min_context=min_context, mode=cfg.mode,

@@ -3,7 +3,8 @@
     shards/v<v>/<old path>.parquet           key shards that held removed rows, rewritten without them
     index/shards/v<v>/<i>-of-<n>.faiss       index shards whose ids were removed or moved, re-encoded from
                                              the compacted key shards with the existing trained index
-    tokens/v<v>/<old path>                   token files with removed documents' spans set to 0
+    tokens/v<v>/<old path>                   token files with removed documents' spans set to 0 (and their
+                                             sequence tables and metas beside them)
     _compact/request.json, _compact/shards/<j>.json, _compact/index/<i>.json   an unfinished compaction
                                              (its plan and commit records: a rerun skips what they list)
 
@@ -30,15 +31,16 @@ from builder.dispatch import dispatch, worker_lost
 from builder.faults import maybe_fault
 from builder.index import file_sha256
 from builder.key_shards import COLUMNS, encode_shard, load_shard, read_row_group
-from builder.layout import BUILD_LEASE, INDEX_LEASE, compacted_index_shard_path, compacted_shard_path
+from builder.layout import BUILD_LEASE, INDEX_LEASE, compacted_index_shard_path, compacted_shard_path, seqs_beside
 from builder.lease import Lease
 from builder.manifest import Manifest, load_manifest
 from builder.remove import RemoveError, file_docs, meta_path, removed_doc_ranges
 from builder.rows import row_group_rows
 from builder.runtime import cluster_resources, max_node_cpus, ray_session, unwrap_task_error
+from builder.seqs import ROW_BYTES, SeqTable, is_old_format
 from builder.storage import NotFound, Storage, StorageError
 from builder.train import IndexBuildError, load_trained_index
-from builder.versions import (clip_ranges, count_ids, id_moves, load_version, publish, removed_before,
+from builder.versions import (clip_ranges, count_ids, id_moves, is_removed, load_version, publish, removed_before,
                               removed_ranges)
 
 log = logging.getLogger(__name__)
@@ -220,27 +222,29 @@ def compact_tokens(storage: Storage, m: Manifest, version: int) -> tuple[list[di
         if not any(a < end and b > first for a, b in docs):
             files.append(entry)
             continue
-        if m.mode == "stream":
-            gone = [any(a <= f < b for a, b in docs)]
-            meta = None
-        else:
+        if m.mode == "stream":                       # the file is one document: all of it or nothing
+            n_seqs, n_gone = 1, int(any(a <= f < b for a, b in docs))
+        else:                                        # its sequences' records, a chunk at a time
             meta = json.loads(storage.read_text(meta_path(path)))
-            gone = [any(a <= first + r < b for a, b in docs) for r in meta["seq_records"]]
-        if gone and all(gone):
+            table = SeqTable(storage, path, meta)
+            n_seqs = table.n
+            n_gone = sum(int(is_removed(first + rows[:, 2], docs).sum()) for rows in table.chunks())
+        if n_seqs and n_gone == n_seqs:
             entry["removed"] = version
-            drop += [path, meta_path(path)]
-        elif any(gone):
+            drop += [path, meta_path(path), seqs_beside(path)]
+        elif n_gone:
             new = compacted_tokens_path(version, path)
             if not storage.exists(meta_path(new)):
                 toks = np.frombuffer(storage.read_bytes(path), "<i4").copy()
-                offs = np.concatenate([[0], np.cumsum(meta["seq_lengths"])])
-                for q, g in enumerate(gone):
-                    if g:
-                        toks[offs[q]:offs[q + 1]] = 0
+                for rows in table.chunks():
+                    for offset, n in rows[is_removed(first + rows[:, 2], docs), :2].tolist():
+                        toks[offset:offset + n] = 0
                 storage.write_bytes(new, toks.astype("<i4").tobytes())
+                if not is_old_format(meta):          # the same table beside the new tokens file
+                    storage.compose(seqs_beside(new), [(seqs_beside(path), 0, n_seqs * ROW_BYTES)])
                 storage.write_text(meta_path(new), json.dumps(meta | {"tokens": new}))
             if new != path:
-                drop += [path, meta_path(path)]
+                drop += [path, meta_path(path), seqs_beside(path)]
             entry["tokens"] = new
         files.append(entry)
     return files, drop

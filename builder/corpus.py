@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from builder.errors import KnnlmError
+from builder.seqs import count_targets, table_rows
 
 log = logging.getLogger(__name__)
 
 STREAM_RECORD_SEPARATOR = "\n\n"  # joins JSONL/Parquet records into one stream-mode sequence
+MAX_SKIPPED = 100                  # skipped records a tokens meta lists (the first, by record; it counts them all)
 _WIKI_TITLE = re.compile(rb"^ = [^=](?:.*[^=])? = *\r?\n?$")
 
 
@@ -154,9 +156,20 @@ class TokenizedFile:
     bytes: int = 0
 
     def meta(self) -> dict:
+        """tokens/<i>.json (less "tokens", "ranges"): counts and the first skipped records (builder/seqs.py)."""
         return {"uri": self.uri, "format": self.format, "bytes": self.bytes, "sha256": self.sha256,
                 "num_records": self.num_records, "num_tokens": int(self.tokens.size),
-                "seq_lengths": self.seq_lengths, "seq_records": self.seq_records, "skipped": self.skipped}
+                "num_sequences": len(self.seq_lengths), "num_targets": count_targets(self.seq_lengths),
+                "num_skipped": len(self.skipped), "skipped": first_skipped(self.skipped)}
+
+    def table(self) -> bytes:
+        """tokens/<i>.seqs: the sequence table (builder/seqs.py)."""
+        return table_rows(self.seq_lengths, self.seq_records).astype("<i8").tobytes()
+
+
+def first_skipped(skipped: list[dict]) -> list[dict]:
+    """The first MAX_SKIPPED skipped records by record index (what a meta lists of them)."""
+    return sorted(skipped, key=lambda d: d["record"])[:MAX_SKIPPED]
 
 
 def tokenize_file(data: bytes, uri: str, fmt: str, mode: str, tokenizer, text_field: str = "text",
@@ -247,7 +260,3 @@ def plan_windows(n: int, window: int, min_context: int) -> list[tuple[int, int, 
             return out
         prev_end = e
         s += stride
-
-
-def count_targets(lengths: list[int]) -> int:
-    return int(sum(max(0, n - 1) for n in lengths))

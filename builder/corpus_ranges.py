@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.corpus import _WIKI_TITLE, STREAM_RECORD_SEPARATOR, InputError, detect_format, read_records
+from builder.corpus import _WIKI_TITLE, STREAM_RECORD_SEPARATOR, InputError, detect_format, first_skipped, read_records
+from builder.seqs import TableWriter
 from builder.storage import read_uri_range
 
 log = logging.getLogger(__name__)
@@ -339,13 +340,13 @@ def chunk_grid(uri: str, size: int, fmt: str, mode: str, range_bytes: int | None
     return bounds, ranges
 
 
-def tokenize_range(src: Source, mode: str, bounds: list[int], j0: int, j1: int, out) -> dict:
+def tokenize_range(src: Source, mode: str, bounds: list[int], j0: int, j1: int, out, table: TableWriter) -> dict:
     """Tokens of chunks [j0, j1) of the grid `bounds`, as the one-pass tokenization of the whole file has
-    them, written to the binary file `out` (int32 LE) chunk by chunk; returns the range's part meta:
-    its records, lines, sequences and skipped records numbered from the range's start."""
+    them, written to the binary file `out` (int32 LE) chunk by chunk, and its sequences to `table`; returns
+    the range's part meta: its records, lines, counts and first skipped records numbered from its start."""
     n = len(bounds) - 1
     part = {"start": bounds[j0], "end": bounds[j1], "num_tokens": 0, "num_records": 0, "lines": 0,
-            "seq_lengths": [], "seq_records": [], "skipped": [], "bad": None, "blank": True, "good": 0}
+            "num_skipped": 0, "skipped": [], "bad": None, "blank": True, "good": 0}
     prefix, suffix = special_tokens(src.tok) if mode == "stream" else ([], [])
 
     def emit(ids) -> None:
@@ -365,13 +366,12 @@ def tokenize_range(src: Source, mode: str, bounds: list[int], j0: int, j1: int, 
         s, e = bounds[j], bounds[j + 1]
         data = src.read(s, e)
         recs = [] if src.fmt != "jsonl" and mode == "stream" else read_records(data, src.uri, src.fmt, src.text_field)
-        texts, idx = [], []
+        texts, idx, skipped, lengths, records = [], [], [], [], []      # this chunk's (bounded by its size)
+        skip = lambda i, why: skipped.append({"record": part["num_records"] + i, "reason": why,  # noqa: E731
+                                              "where": shift_where(recs[i].where, part["num_records"], part["lines"])})
         for i, r in enumerate(recs):
-            d = {"record": part["num_records"] + i, "where": shift_where(r.where, part["num_records"], part["lines"])}
-            if r.skip:
-                part["skipped"].append({**d, "reason": shift_reason(r.skip, part["lines"])})
-            elif not r.text or not r.text.strip():
-                part["skipped"].append({**d, "reason": "empty document"})
+            if r.skip or not r.text or not r.text.strip():
+                skip(i, shift_reason(r.skip, part["lines"]) if r.skip else "empty document")
             else:
                 texts.append(r.text)
                 idx.append(i)
@@ -380,14 +380,13 @@ def tokenize_range(src: Source, mode: str, bounds: list[int], j0: int, j1: int, 
             for b in range(0, len(texts), 512):
                 for i, t in zip(idx[b:b + 512], src.tok(texts[b:b + 512], add_special_tokens=True,
                                                         verbose=False)["input_ids"]):
-                    rec = part["num_records"] + i
                     if len(t) < 2:
-                        part["skipped"].append({"record": rec, "where": shift_where(
-                            recs[i].where, part["num_records"], part["lines"]), "reason": f"fewer than 2 tokens ({len(t)})"})
+                        skip(i, f"fewer than 2 tokens ({len(t)})")
                         continue
                     emit(t)
-                    part["seq_lengths"].append(len(t))
-                    part["seq_records"].append(rec)
+                    lengths.append(len(t))
+                    records.append(part["num_records"] + i)
+            table.add(lengths, records)
         else:
             if src.fmt != "jsonl":
                 try:
@@ -409,42 +408,43 @@ def tokenize_range(src: Source, mode: str, bounds: list[int], j0: int, j1: int, 
             emit(v.ids[ia:ib])
             if j == n - 1:
                 emit(suffix)
+        part.update(num_skipped=part["num_skipped"] + len(skipped), skipped=first_skipped(part["skipped"] + skipped))
         part["num_records"] += len(recs)
         part["lines"] += count_lines(data, src.fmt)
-    return part
+    return part | table.counts()
 
 
 def join_parts(parts: list[dict], uri: str, fmt: str, mode: str) -> tuple[dict, list[int]]:
     """(the file's meta as TokenizedFile.meta() has it, less uri/bytes/sha256; the parts whose tokens
-    make up tokens/<i>.bin, in order): record numbers and locations shifted by the ranges before."""
-    skipped, seq_lengths, seq_records, use, recs, lines = [], [], [], [], 0, 0
-    for k, p in enumerate(parts):
+    make up tokens/<i>.bin, in order): record numbers and locations shifted by the ranges before. (The
+    parts' sequence tables are joined by build_tokens.finish_ranged.)"""
+    skipped, use, recs, lines, n_skipped = [], [], 0, 0, 0
+    for p in parts:
         for d in p["skipped"]:
             skipped.append({"record": d["record"] + recs, "where": shift_where(d["where"], recs, lines),
                             "reason": shift_reason(d["reason"], lines)})
-        seq_lengths += p["seq_lengths"]
-        seq_records += [r + recs for r in p["seq_records"]]
+        n_skipped += p["num_skipped"]
         recs += p["num_records"]
         lines += p["lines"]
+    total, in_parts = sum(p["num_tokens"] for p in parts), len(skipped)
+    seqs, targets = sum(p["num_sequences"] for p in parts), sum(p["num_targets"] for p in parts)
     if mode == "document":
         use = [k for k, p in enumerate(parts) if p["num_tokens"]]
         if recs == 0:
             skipped.append({"record": -1, "where": "file", "reason": "empty file"})
     else:
         bad = [p["bad"] for p in parts if p["bad"] is not None]
-        total = sum(p["num_tokens"] for p in parts)
         if bad:
             skipped.append({"record": -1, "where": "file", "reason": f"not valid UTF-8 (byte {min(bad)} of the file)"})
         elif fmt != "jsonl" and all(p["blank"] for p in parts):
             skipped.append({"record": -1, "where": "file", "reason": "empty file"})
         elif fmt == "jsonl" and not any(p["good"] for p in parts):
-            pass
+            pass                               # (its records are skipped)
         elif total < 2:
             skipped.append({"record": -1, "where": "file", "reason": f"fewer than 2 tokens ({total})"})
         else:
-            seq_lengths, seq_records, use = [total], [-1], [k for k, p in enumerate(parts) if p["num_tokens"]]
-    skipped.sort(key=lambda d: d["record"])
-    meta = {"format": fmt, "num_records": recs if mode == "document" else 1,
-            "num_tokens": int(sum(seq_lengths)), "seq_lengths": seq_lengths, "seq_records": seq_records,
-            "skipped": skipped, "ranges": len(parts)}
+            seqs, targets, use = 1, total - 1, [k for k, p in enumerate(parts) if p["num_tokens"]]
+    meta = {"format": fmt, "num_records": recs if mode == "document" else 1, "num_tokens": total if seqs else 0,
+            "num_sequences": seqs, "num_targets": targets, "num_skipped": n_skipped + len(skipped) - in_parts,
+            "skipped": first_skipped(skipped), "ranges": len(parts)}
     return meta, use

@@ -1,8 +1,10 @@
 """Where things live under a datastore root: every relative path the stages read or write.
 
     manifest.json                    written last; lists every shard (builder/build_manifest.py)
-    tokens/<file>.bin|.json          tokenized inputs (int32 LE tokens + sequence lengths)
-    tokens/<file>.part-<k>.bin|.json a large input's range k, until the join makes tokens/<file>.bin
+    tokens/<file>.bin|.json          tokenized inputs (int32 LE tokens; the meta: counts, written last)
+    tokens/<file>.seqs               its sequence table: int64 LE rows (offset, length, record), one per
+                                     sequence (builder/seqs.py)
+    tokens/<file>.part-<k>.bin|.seqs|.json   a large input's range k, until the join makes tokens/<file>.*
     shards/<unit>-<part>.parquet     key shards (deterministic names)
     _build/request.json              the identity of the build in progress
     _build/units/<unit>.json         a unit's commit record (its shards, rows, checksums)
@@ -40,6 +42,16 @@ def tokens_meta_path(file_index: int) -> str:
     return f"tokens/{file_index:06d}.json"
 
 
+def tokens_seqs_path(file_index: int) -> str:
+    return f"tokens/{file_index:06d}.seqs"
+
+
+def seqs_beside(tokens: str) -> str:
+    """The sequence table beside a tokens file (tokens/000003.bin → tokens/000003.seqs; also an ingestion's
+    or a compaction's tokens file)."""
+    return (tokens[:-len(".bin")] if tokens.endswith(".bin") else tokens) + ".seqs"
+
+
 def tokens_part_path(file_index: int, part: int) -> str:
     """A range of a large input file tokenized alone (builder/corpus_ranges.py), before the join."""
     return f"tokens/{file_index:06d}.part-{part:05d}.bin"
@@ -47,6 +59,11 @@ def tokens_part_path(file_index: int, part: int) -> str:
 
 def tokens_part_meta_path(file_index: int, part: int) -> str:
     return f"tokens/{file_index:06d}.part-{part:05d}.json"
+
+
+def tokens_part_seqs_path(file_index: int, part: int) -> str:
+    """A range's sequence table (offsets and records relative to the range)."""
+    return f"tokens/{file_index:06d}.part-{part:05d}.seqs"
 
 
 def key_shard_path(unit_id: int, part: int) -> str:

@@ -1,6 +1,8 @@
 """A work unit: the unit of dispatch, retry and resume of the key stage. Its plan, then its run.
 
-Planning (pure): `plan_units` cuts the corpus's sequences into units of whole windows.
+Planning (pure): `stream_units` cuts the corpus's sequences into units of whole windows, reading the
+sequence tables in chunks and yielding compact `UnitSpan`s; a key worker expands its span into a `Unit`
+(a Segment per sequence) from the rows it reads (`load_unit`); `plan_units` does both for a small corpus.
 Processing: `run_unit` computes a unit's keys and commits its shards. A unit's shards get
 deterministic names; the unit is committed when its record `_build/units/<id>.json` (listing its
 shards, rows and checksums) exists. Shards are written before the record, so a unit killed midway
@@ -13,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from builder.faults import maybe_fault
 from builder.key_shards import encode_shard
 from builder.keys import KeyEncoder, WindowJob, compute_keys
 from builder.layout import key_shard_path, tokens_path, unit_record_path
+from builder.seqs import SeqTable, table_rows
 from builder.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -66,37 +69,101 @@ class Unit:
         return Unit(d["id"], d["file"], tuple(Segment(*s) for s in d["segments"]))
 
 
+@dataclass(frozen=True)
+class UnitSpan:
+    """A planned unit in O(1) space (what the driver keeps and sends): targets [t0 of sequence `first`, t1 of
+    sequence `last`] of one file; `load_unit` expands it to its Unit from the file's sequence table."""
+    id: int
+    file: int
+    first: int         # first sequence (row of the file's table)
+    t0: int            # its first target
+    last: int          # last sequence
+    t1: int            # its end target
+    offset: int        # token offset of the first sequence in the file
+    num_targets: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_dict(d: dict) -> "UnitSpan":
+        return UnitSpan(**d)
+
+
+def _window_end(y: int, n: int, window: int, stride: int) -> int:
+    """The first window end >= y of a sequence of n tokens (ends: min(W + k * stride, n), k = 0, 1, ...)."""
+    k = 0 if y <= window else -(-(y - window) // stride)
+    return min(window + k * stride, n)
+
+
+def stream_units(files: Iterable[Iterable[np.ndarray]], window: int, min_context: int, unit_tokens: int,
+                 first_id: int = 0) -> Iterator[UnitSpan]:
+    """Split the corpus into units of about `unit_tokens` targets, streaming. Pure and deterministic.
+
+    `files` holds, per input file in corpus order, its sequence table in chunks of rows ((k, 3) int64:
+    offset, length, record; builder/seqs.py), of any size. Units never cross a file; they split sequences
+    only at window boundaries, so a unit that starts inside a sequence re-reads exactly min_context tokens
+    of context and its keys equal those of a single pass. Unit ids are consecutive in corpus order.
+
+    The cut rule, on a file's targets numbered 1, 2, ... in order: a unit that starts after target `done`
+    ends at the first window end holding target done + unit_tokens (or at the file's end). Per chunk the
+    targets through each sequence are one cumsum, and each cut a searchsorted: the work is per chunk and per
+    unit, never per sequence in Python; memory is one chunk and one unit's start."""
+    stride, uid = window - min_context, first_id
+    for fi, chunks in enumerate(files):
+        done = base = row0 = 0     # targets in units yielded; targets and rows before the chunk
+        start = last = None        # (row, t0, offset) of the unit's first target; (row, n) of the last sequence
+        for rows in chunks:
+            n = rows[:, 1]
+            ends = np.maximum(n - 1, 0)                           # (k,) targets through each sequence:
+            np.cumsum(ends, out=ends)                             # in place (one array of the chunk's size)
+            ends += base
+            while len(n) and ends[-1] > done:                     # the chunk holds target done + 1
+                if start is None:                                 # the unit starts there
+                    s = int(np.searchsorted(ends, done + 1))      # its sequence (target j of one: position j)
+                    before = int(ends[s] - n[s]) + 1              # targets of the file before that sequence
+                    start = (row0 + s, done + 1 - before, int(rows[s, 0]))
+                x = done + unit_tokens                            # the unit ends with target x's window
+                if x > ends[-1]:
+                    break
+                s = int(np.searchsorted(ends, x))
+                before = int(ends[s] - n[s]) + 1
+                e = _window_end(x - before + 1, int(n[s]), window, stride)
+                yield UnitSpan(uid, fi, start[0], start[1], row0 + s, e, start[2], before + e - 1 - done)
+                uid, done, start = uid + 1, before + e - 1, None
+            if len(n) and ends[-1] > base:                        # the chunk's last sequence with targets
+                s = int(np.searchsorted(ends, ends[-1]))
+                last = (row0 + s, int(n[s]))
+            base, row0 = int(ends[-1]) if len(n) else base, row0 + len(n)
+            del rows, n, ends                                     # before the next chunk is read: one at a time
+        if done < base:                                           # the file's last unit
+            yield UnitSpan(uid, fi, start[0], start[1], last[0], last[1], start[2], base - done)
+            uid += 1
+
+
+def expand(span: UnitSpan, rows: np.ndarray) -> Unit:
+    """The Unit of a span: one Segment per sequence with targets; `rows` are the table's rows [first, last]."""
+    segs = []
+    for i, (offset, n, record) in enumerate(rows.tolist()):
+        seq = span.first + i
+        t0, t1 = span.t0 if seq == span.first else 1, span.t1 if seq == span.last else n
+        if t1 > t0:
+            segs.append(Segment(seq, offset, n, t0, t1, record))
+    return Unit(span.id, span.file, tuple(segs))
+
+
 def plan_units(files: list[tuple[list[int], list[int]]], window: int, min_context: int,
                unit_tokens: int) -> list[Unit]:
-    """Split the corpus into units of about `unit_tokens` targets. Pure and deterministic.
+    """`stream_units` of a small corpus held in memory, expanded: `files` holds, per input file in corpus
+    order, (sequence lengths, sequence records)."""
+    tables = [table_rows(lengths, records) for lengths, records in files]
+    return [expand(sp, tables[sp.file][sp.first:sp.last + 1])
+            for sp in stream_units([[t] for t in tables], window, min_context, unit_tokens)]
 
-    `files` holds, per input file in corpus order, (sequence lengths, sequence records).
-    Units never cross a file; they split sequences only at window boundaries, so a unit
-    that starts inside a sequence re-reads exactly min_context tokens of context and its
-    keys equal those of a single pass. Unit ids are consecutive in corpus order."""
-    units: list[Unit] = []
-    for fi, (lengths, records) in enumerate(files):
-        segs: list[Segment] = []
-        count = 0
-        offset = 0
-        for si, (n, rec) in enumerate(zip(lengths, records)):
-            seg_t0 = None
-            for (_, _, a, b) in plan_windows(n, window, min_context):
-                if b <= a:
-                    continue
-                if seg_t0 is None:
-                    seg_t0 = a
-                count += b - a
-                if count >= unit_tokens:
-                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
-                    units.append(Unit(len(units), fi, tuple(segs)))
-                    segs, count, seg_t0 = [], 0, None
-            if seg_t0 is not None:
-                segs.append(Segment(si, offset, n, seg_t0, n, rec))
-            offset += n
-        if segs:
-            units.append(Unit(len(units), fi, tuple(segs)))
-    return units
+
+def load_unit(span: UnitSpan, storage: Storage) -> Unit:
+    """A key worker's unit: its span expanded with its rows of tokens/<file>.seqs (one range read)."""
+    return expand(span, SeqTable(storage, tokens_path(span.file)).rows(span.first, span.last + 1))
 
 
 def unit_token_range(unit: Unit, window: int, min_context: int) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 For each position of a text, the retrieved neighbours with their distance, the next token they
 vote for, and the datastore context they come from: the document and position stored in the
-shards' `doc`/`pos` columns, decoded from the tokens the build stored under `tokens/`.
+shards' `doc`/`pos` columns, decoded from the tokens the build stored under `tokens/` (a document's
+sequence found in the sequence table beside them, builder/seqs.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from builder.layout import tokens_meta_path, tokens_path
 from builder.manifest import Manifest, load_manifest, require_index_shards
 from builder.remove import doc_bases, in_ranges, meta_path, removed_doc_ranges
 from builder.rows import read_rows
+from builder.seqs import SeqTable
 from builder.storage import Storage
 from builder.versions import is_removed, removed_ranges
 from retriever.evaluate import EvalError, check_model, load_query_encoder, plan_chunks, score_windows
@@ -35,6 +37,8 @@ class ContextReader:
         self.removed_docs = removed_doc_ranges(m)
         self.removed_ids = removed_ranges(m)
         self._metas: dict[int, dict] = {}
+        self._tables: dict[int, SeqTable] = {}
+        self._offsets: dict[int, int] = {}       # doc → token offset of its sequence (document mode)
 
     def _tokens_path(self, f: int) -> str:
         return self.files[f].get("tokens") or tokens_path(f)
@@ -61,12 +65,23 @@ class ContextReader:
         if self.is_removed(doc, id):
             raise EvalError(f"document {doc} was removed from the datastore (`knnlm remove`): its text is not shown")
         f = self._file(doc)
-        meta = self.meta(f)
-        seq = 0 if self.m.mode == "stream" else meta["seq_records"].index(int(doc - self.doc_base[f]))
-        offset = int(sum(meta["seq_lengths"][:seq]))
+        offset = 0 if self.m.mode == "stream" else self._offset(f, int(doc))
         lo = max(0, pos - before)
         raw = self.storage.read_range(self._tokens_path(f), 4 * (offset + lo), 4 * (offset + pos + 1))
         return np.frombuffer(raw, dtype="<i4"), pos - lo
+
+    def _offset(self, f: int, doc: int) -> int:
+        """Where document `doc` (of file f) starts in the file's tokens: its record's row of the table."""
+        if doc not in self._offsets:
+            if f not in self._tables:
+                self._tables[f] = SeqTable(self.storage, self._tokens_path(f), self.meta(f))
+            table = self._tables[f]
+            seq = table.find_record(doc - int(self.doc_base[f]))
+            if seq is None:
+                raise EvalError(f"document {doc} has no tokens in {self.storage.url(self._tokens_path(f))} "
+                                "(it was skipped when the datastore was built)")
+            self._offsets[doc] = int(table.rows(seq, seq + 1)[0, 0])
+        return self._offsets[doc]
 
     def context(self, doc: int, pos: int, before: int, tok, id: int | None = None) -> str:
         """The decoded text before (doc, pos), or "[removed]"."""

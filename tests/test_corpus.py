@@ -21,6 +21,7 @@ from builder.corpus import (
     split_wikitext,
     tokenize_file,
 )
+from builder.seqs import parse_rows
 from builder.unit import Segment, Unit, plan_units
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +391,12 @@ def test_tokenize_file_document_mode(toks, bos):
         assert skipped[6]["reason"] == "fewer than 2 tokens (1)" and skipped[6]["where"] == "line 7"
     assert tf.sha256 == "sha256:" + hashlib.sha256(data).hexdigest() and tf.bytes == len(data)
     meta = tf.meta()
-    assert meta["num_tokens"] == len(tf.tokens) and meta["seq_records"] == kept
+    assert meta["num_tokens"] == len(tf.tokens) and meta["num_sequences"] == len(kept)
+    assert meta["num_skipped"] == len(tf.skipped) and meta["skipped"] == tf.skipped
+    rows = parse_rows(tf.table())              # the sequence table: (offset, length, record) per sequence
+    assert rows[:, 2].tolist() == kept and rows[:, 1].tolist() == tf.seq_lengths
+    assert rows[:, 0].tolist() == np.cumsum([0] + tf.seq_lengths)[:-1].tolist()
+    assert meta["num_targets"] == count_targets(tf.seq_lengths)
 
 
 def test_tokenize_file_text_document_mode(toks):

@@ -16,9 +16,11 @@ from builder.compact import compact, plan_shards
 from builder.config import AddConfig, BuildConfig, CompactConfig, ConfigError, RemoveConfig, TrainConfig
 from builder.faults import FAULT_ENV
 from builder.key_shards import read_shard
+from builder.layout import seqs_beside
 from builder.manifest import load_manifest, write_manifest
 from builder.remove import RemoveError, remove, removal_ranges
 from builder.rows import iter_range
+from builder.seqs import SeqTable
 from builder.storage import Storage
 from builder.train import train_stage
 from builder.versions import load_version
@@ -238,12 +240,15 @@ def test_remove_docs_record_errors_and_compacted_tokens(made, tmp_path, capsys):
     old = m.corpus["files"][0]["tokens"]
     old_tokens = np.frombuffer(st.read_bytes(old), "<i4")
     meta = json.loads(st.read_text(old[:-4] + ".json"))
+    table = st.read_bytes(seqs_beside(old))
     assert main(["compact", ds]) == 0
     m = load_manifest(st)
     new = m.corpus["files"][0]["tokens"]
-    assert new != old and not st.exists(old)
+    assert new != old and not st.exists(old) and not st.exists(seqs_beside(old))
+    assert st.read_bytes(seqs_beside(new)) == table          # the sequence table moves with the tokens file
     tokens = np.frombuffer(st.read_bytes(new), "<i4")
-    offs = np.cumsum([0] + meta["seq_lengths"])
+    rows = SeqTable(st, new, meta).rows(0, meta["num_sequences"])
+    offs = np.append(rows[:, 0], rows[-1, 0] + rows[-1, 1])
     assert (tokens[offs[1]:offs[2]] == 0).all() and (old_tokens[offs[1]:offs[2]] != 0).any()
     keep = np.r_[0:offs[1], offs[2]:len(tokens)]
     np.testing.assert_array_equal(tokens[keep], old_tokens[keep])

@@ -17,8 +17,9 @@ from conftest import make_tokenizer, write_text
 
 from builder import build_tokens
 from builder import corpus_ranges as cr
-from builder.corpus import detect_format, split_wikitext, tokenize_file
-from builder.layout import tokens_meta_path, tokens_part_meta_path, tokens_path
+from builder.corpus import MAX_SKIPPED, detect_format, first_skipped, split_wikitext, tokenize_file
+from builder.layout import tokens_meta_path, tokens_part_meta_path, tokens_path, tokens_seqs_path
+from builder.seqs import TableWriter, parse_rows
 from builder.storage import Storage
 
 WORDS = ["the", "quick", "brown", "fox", "über", "naïve", "日本語", "😀x", "a,b", "3,000", "\n", "\n\n", "\n\n\n",
@@ -68,26 +69,34 @@ def jsonl_file(seed: int) -> bytes:
 
 
 def ranged(data: bytes, uri: str, mode: str, tok, range_bytes: int = 200, chunk_bytes: int | None = None):
-    """(file meta, tokens) of `data` tokenized in ranges, every range on its own Source (as separate tasks)."""
+    """(file meta, tokens, sequence table bytes) of `data` tokenized in ranges, every range on its own Source
+    (as separate tasks), the parts' tables joined as build_tokens.finish_ranged joins them."""
     read = lambda s, e: data[s:e]
     fmt = detect_format(uri, "auto")
     bounds, ranges = cr.chunk_grid(uri, len(data), fmt, mode, range_bytes, chunk_bytes, read)
-    parts, arrays = [], []
+    parts, arrays, tables = [], [], []
     for j0, j1 in ranges:
-        out = io.BytesIO()
-        parts.append(cr.tokenize_range(cr.Source(uri, len(data), fmt, tok, read=read), mode, bounds, j0, j1, out))
+        out, seqs = io.BytesIO(), io.BytesIO()
+        parts.append(cr.tokenize_range(cr.Source(uri, len(data), fmt, tok, read=read), mode, bounds, j0, j1, out,
+                                       TableWriter(seqs)))
         arrays.append(np.frombuffer(out.getvalue(), "<i4"))
+        tables.append([parse_rows(seqs.getvalue())])
+        assert (parts[-1]["num_sequences"], len(parts[-1]["skipped"])) == (len(tables[-1][0]), min(
+            parts[-1]["num_skipped"], MAX_SKIPPED))
     meta, use = cr.join_parts(parts, uri, fmt, mode)
-    return meta, (np.concatenate([arrays[k] for k in use]) if use else np.zeros(0, np.int32))
+    table = io.BytesIO()
+    build_tokens.join_tables(parts, tables, mode, meta, TableWriter(table))
+    return meta, (np.concatenate([arrays[k] for k in use]) if use else np.zeros(0, np.int32)), table.getvalue()
 
 
 def assert_same(data: bytes, uri: str, mode: str, tok, **kw) -> dict:
     one = tokenize_file(data, uri, "auto", mode, tok)
-    meta, tokens = ranged(data, uri, mode, tok, **kw)
+    meta, tokens, table = ranged(data, uri, mode, tok, **kw)
     want = one.meta()
-    for k in ("format", "num_records", "num_tokens", "seq_lengths", "seq_records", "skipped"):
+    for k in ("format", "num_records", "num_tokens", "num_sequences", "num_targets", "num_skipped", "skipped"):
         assert meta[k] == want[k], (uri, mode, k)
     assert tokens.tolist() == one.tokens.tolist(), (uri, mode)
+    assert table == one.table(), (uri, mode)
     return meta
 
 
@@ -126,12 +135,17 @@ def test_ranges_give_the_one_pass_tokens(toks, bos, mode, monkeypatch):
 
 
 def test_ranges_edge_files(toks):
-    """Nothing usable, a bad byte late in the file, blank runs: the same skipped records as one pass."""
+    """Nothing usable, a bad byte late in the file, blank runs: the same skipped records as one pass; more
+    skipped records than a meta lists (MAX_SKIPPED), in the file and in one range (over several chunks)."""
+    many_skipped = b'{"text": ""}\n{"x": 1}\n{"text": "a b c"}\n' * 120
+    for mode in ("stream", "document"):
+        meta = assert_same(many_skipped, "/d/s.jsonl", mode, toks[False], range_bytes=4000, chunk_bytes=1000)
+        assert meta["num_skipped"] == 240 and len(meta["skipped"]) == MAX_SKIPPED
     for bos in (False, True):
         for data, uri in ((b" \n" * 300, "/d/e.txt"), (b"ok\n" * 150 + b"\xff\n" + b"ok\n" * 150, "/d/e.txt"),
                           (b"\n" * 500, "/d/e.jsonl"), (b"\n" * 400 + b'{"text": "a b"}\n', "/d/e.jsonl"),
                           (b'{"text": "a"}\n' + b"\n" * 400, "/d/e.jsonl"), (b"x\n" + b" \n" * 300, "/d/e.tokens"),
-                          (b"\n\n" * 300, "/d/e.tokens")):
+                          (b"\n\n" * 300, "/d/e.tokens"), (many_skipped, "/d/s.jsonl")):
             for mode in ("stream", "document"):
                 assert_same(data, uri, mode, toks[bos])
 
@@ -160,8 +174,9 @@ def test_tokenize_input_in_ranges_writes_the_one_pass_files(toks, tmp_path, monk
     m2 = build_tokens.tokenize_input(0, src, "auto", "stream", "text", tok_path, many.uri)
     assert m2["ranges"] > 3 and list(m2) == list(m1)
     assert {k: v for k, v in m2.items() if k != "ranges"} == {k: v for k, v in m1.items() if k != "ranges"}
-    assert many.read_bytes(tokens_path(0)) == one.read_bytes(tokens_path(0))
-    assert many.list("tokens/") == [tokens_path(0), tokens_meta_path(0)]          # the parts are gone
+    for p in (tokens_path(0), tokens_seqs_path(0)):
+        assert many.read_bytes(p) == one.read_bytes(p)
+    assert many.list("tokens/") == [tokens_path(0), tokens_meta_path(0), tokens_seqs_path(0)]  # the parts are gone
     # resume: parts 0 and 2 finished earlier (part 0 made up, to prove it is kept), 1 missing
     bounds, ranges = cr.chunk_grid(src, len(data), "wikitext", "stream")
     for k in (0, 2):
@@ -187,7 +202,8 @@ def test_ranged_tokens_on_s3(toks, tmp_path, s3_bucket, monkeypatch):
     st = Storage.from_uri(f"s3://{s3_bucket}/ds")
     meta = build_tokens.tokenize_input(0, f"s3://{s3_bucket}/in/c.jsonl", "auto", "stream", "text", tok_path, st.uri)
     one = tokenize_file(data, f"s3://{s3_bucket}/in/c.jsonl", "auto", "stream", toks[False])
-    assert meta["ranges"] > 3 and meta["skipped"] == one.skipped and meta["sha256"] == one.sha256
+    assert meta["ranges"] > 3 and meta["skipped"] == first_skipped(one.skipped) and meta["sha256"] == one.sha256
+    assert meta["num_skipped"] == len(one.skipped) and st.read_bytes(tokens_seqs_path(0)) == one.table()
     assert np.frombuffer(st.read_bytes(tokens_path(0)), "<i4").tolist() == one.tokens.tolist()
 
 
@@ -251,7 +267,8 @@ def test_build_in_ranges_gives_the_same_datastore(one_range_build, tiny_models, 
         monkeypatch.setattr(build_tokens, "DRIVER_TOKENIZE_BYTES", 0)
     build(small_cfg([f], tiny_models["llama"], tmp_path / "ds", mode="stream"))
     one, st = Storage.from_uri(str(one_root)), Storage.from_uri(str(tmp_path / "ds"))
-    files = [p for p in one.list() if p.startswith(("shards/", "tokens/")) and p.endswith((".parquet", ".bin"))]
+    files = [p for p in one.list() if p.startswith(("shards/", "tokens/")) and
+             p.endswith((".parquet", ".bin", ".seqs"))]
     assert json.loads(st.read_text(tokens_meta_path(0)))["ranges"] >= 3
     assert len(files) > 2 and st.list("shards/") == one.list("shards/")
     assert st.list("tokens/") == one.list("tokens/")                   # no part left

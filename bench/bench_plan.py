@@ -156,34 +156,10 @@ print(json.dumps({"keys": plan.total, "units": len(plan.units), "seconds": s, "m
 OLD = r"""
 import hashlib, json, resource, sys, time
 import numpy as np
-from builder.corpus import count_targets, plan_windows
-from builder.unit import Segment, Unit
+from builder.corpus import count_targets
 import builder.build                                 # the driver's imports, as in the new case
 
-def plan_units(files, window, min_context, unit_tokens):      # builder.unit.plan_units of commit ff5f857
-    units = []
-    for fi, (lengths, records) in enumerate(files):
-        segs = []
-        count = 0
-        offset = 0
-        for si, (n, rec) in enumerate(zip(lengths, records)):
-            seg_t0 = None
-            for (_, _, a, b) in plan_windows(n, window, min_context):
-                if b <= a:
-                    continue
-                if seg_t0 is None:
-                    seg_t0 = a
-                count += b - a
-                if count >= unit_tokens:
-                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
-                    units.append(Unit(len(units), fi, tuple(segs)))
-                    segs, count, seg_t0 = [], 0, None
-            if seg_t0 is not None:
-                segs.append(Segment(si, offset, n, seg_t0, n, rec))
-            offset += n
-        if segs:
-            units.append(Unit(len(units), fi, tuple(segs)))
-    return units
+from plan_reference import naive_plan_units as plan_units   # builder.unit.plan_units of commit ff5f857
 
 root, inputs = sys.argv[1], json.loads(sys.argv[2])
 unit_tokens, W, C = (int(x) for x in sys.argv[3:6])
@@ -215,7 +191,7 @@ def write_in_child(root: Path, n_docs: int, per_file: int, seed: int, old_format
 
 
 def run_child(code: str, root: Path, inputs: list[str], unit_tokens: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(REPO), str(HERE))))    # builder, plan_reference
     r = subprocess.run([sys.executable, "-c", PEAK + code, str(root / "ds"), json.dumps(inputs), str(unit_tokens),
                         str(WINDOW), str(MIN_CONTEXT)], env=env, capture_output=True, text=True, check=False)
     if r.returncode != 0:

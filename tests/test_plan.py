@@ -1,6 +1,6 @@
 """The streaming planner (builder.unit.stream_units) and the sequence tables it reads (builder/seqs.py).
 
-- its units equal, cut for cut and id for id, those of the in-memory planner it replaced (copied below as
+- its units equal, cut for cut and id for id, those of the in-memory planner it replaced (bench/plan_reference.py's
   `naive_plan_units`) on seeded random length tables read in chunks of every size;
 - the sequence table: rows, chunks, a record's sequence, an older-format meta read from its lists;
 - builds give the shard checksums of the code before the tables (document and stream mode), also when
@@ -10,44 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import sys
 
 import numpy as np
 import pytest
-from conftest import write_text
+from conftest import REPO, write_text
 
-from builder.corpus import count_targets, plan_windows
+from builder.corpus import count_targets
 from builder.layout import UNITS_DIR, tokens_meta_path, tokens_path, tokens_seqs_path
 from builder.seqs import ROW_BYTES, SeqTable, TableWriter, parse_rows, table_rows, upgrade_meta
 from builder.storage import Storage, StorageError
-from builder.unit import Segment, Unit, UnitSpan, expand, load_unit, plan_units, stream_units
+from builder.unit import UnitSpan, expand, load_unit, plan_units, stream_units
 
-
-def naive_plan_units(files, window, min_context, unit_tokens):
-    """builder.unit.plan_units before the streaming planner (commit ff5f857): a Python loop per window."""
-    units = []
-    for fi, (lengths, records) in enumerate(files):
-        segs = []
-        count = 0
-        offset = 0
-        for si, (n, rec) in enumerate(zip(lengths, records)):
-            seg_t0 = None
-            for (_, _, a, b) in plan_windows(n, window, min_context):
-                if b <= a:
-                    continue
-                if seg_t0 is None:
-                    seg_t0 = a
-                count += b - a
-                if count >= unit_tokens:
-                    segs.append(Segment(si, offset, n, seg_t0, b, rec))
-                    units.append(Unit(len(units), fi, tuple(segs)))
-                    segs, count, seg_t0 = [], 0, None
-            if seg_t0 is not None:
-                segs.append(Segment(si, offset, n, seg_t0, n, rec))
-            offset += n
-        if segs:
-            units.append(Unit(len(units), fi, tuple(segs)))
-    return units
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from plan_reference import naive_plan_units  # noqa: E402  (the planner before this one, also bench_plan's baseline)
 
 
 def chunked(table: np.ndarray, size: int):

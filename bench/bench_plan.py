@@ -118,13 +118,7 @@ def write_corpus(root: Path, n_docs: int, per_file: int, seed: int, old_format: 
 
 PEAK = r"""
 import resource
-
-def peak_mb():       # VmHWM: this process's own high-water mark since its exec (ru_maxrss where there is none)
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import peak_rss_mb as peak_mb          # VmHWM: this process's own high-water mark since its exec
 
 def rusage_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tokenization of one large stream-mode text file: one pass (today's `tokenize_file`) against ranges
 (builder/corpus_ranges.py), with the real GPT-2 tokenizer of ../shared. Each case runs as a fresh process
-(as a Ray task would), on one core; its tokens/s and peak RSS (ru_maxrss) are reported.
+(as a Ray task would), on one core; its tokens/s and peak RSS (VmHWM, common.peak_rss_mb) are reported.
 
     python bench/bench_tokenize.py --mb 200          # the text: WikiText-2's train split repeated
 
@@ -29,8 +29,9 @@ sys.path.insert(0, str(HERE))
 from common import write_result  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, tempfile, time
+import json, sys, tempfile, time
 from builder import build_tokens
+from common import peak_rss_mb
 from builder import corpus_ranges as cr
 path, tok, case, range_bytes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cr.RANGE_BYTES = range_bytes
@@ -47,12 +48,12 @@ with tempfile.TemporaryDirectory() as out:
         n, nbytes, nranges = meta["num_tokens"], meta["bytes"], meta["ranges"]
 s = time.perf_counter() - t
 print(json.dumps({"tokens": n, "bytes": nbytes, "ranges": nranges, "seconds": s,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
 def run_case(path: str, tok: str, case: str, range_bytes: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(REPO), str(HERE))), TOKENIZERS_PARALLELISM="false")
     r = subprocess.run([sys.executable, "-c", CHILD, path, tok, case, str(range_bytes)], env=env,
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:

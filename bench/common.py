@@ -1,9 +1,10 @@
-"""What the benchmarks share: writing a result file with the machine and the load average."""
+"""What the benchmarks share: writing a result file with the machine and the load average; a process's peak RSS."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -23,3 +24,18 @@ def write_result(kind: str, device: str, machine: dict, load_before: tuple, para
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path, result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB since its exec: VmHWM from /proc/self/status.
+
+    Not ru_maxrss: on Linux, exec folds the high-water mark of the address space it replaces into the
+    process's ru_maxrss, and a child that Python's subprocess vforks shares its parent's address space
+    until exec, so a child of a 3.6 GB pytest reports >= 3.6 GB whatever it does (CI, stop 24).
+    ru_maxrss only where there is no /proc (macOS, whose ru_maxrss is in bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / (1 << 20) if sys.platform == "darwin" else r / 1024

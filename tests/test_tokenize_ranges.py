@@ -208,22 +208,24 @@ def test_ranged_tokens_on_s3(toks, tmp_path, s3_bucket, monkeypatch):
 
 
 _PEAK = r"""
-import resource, sys, tempfile
+import sys, tempfile
 from builder import build_tokens
 from builder import corpus_ranges as cr
+from common import peak_rss_mb       # VmHWM, not ru_maxrss: that one counts this test process's RSS too
 cr.RANGE_BYTES = int(sys.argv[3])
 with tempfile.TemporaryDirectory() as out:
     build_tokens.tokenize_input(0, sys.argv[1], "text", "stream", "text", sys.argv[2], out)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_mb())
 """
 
 
-def _peak_kb(path: str, tok_path: str, range_bytes: int) -> int:
-    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, str(range_bytes)], capture_output=True, text=True, check=False,
-                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+def _peak_mb(path: str, tok_path: str, range_bytes: int) -> float:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, str(range_bytes)], capture_output=True, text=True,
+                       check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join((repo, os.path.join(repo, "bench")))},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return int(r.stdout.split()[-1])
+    return float(r.stdout.split()[-1])
 
 
 @pytest.mark.slow
@@ -234,10 +236,10 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_file(shared_model, wikitext
     with open(os.path.join(wikitext_splits, "train.txt"), "rb") as fh:
         block = fh.read()
     files = {n: write_text(tmp_path / f"{n}.txt", (block * 16)[:int(n * (1 << 20))]) for n in (0.5, 1.5, 3, 15)}
-    ranged_small, ranged_big = _peak_kb(files[1.5], shared_model, 1 << 20), _peak_kb(files[15], shared_model, 1 << 20)
-    one_small, one_big = _peak_kb(files[0.5], shared_model, 1 << 40), _peak_kb(files[3], shared_model, 1 << 40)
-    print(f"peak RSS MB: ranged 1.5MB {ranged_small / 1024:.0f}, 15MB {ranged_big / 1024:.0f}; "
-          f"one pass 0.5MB {one_small / 1024:.0f}, 3MB {one_big / 1024:.0f}")
+    ranged_small, ranged_big = _peak_mb(files[1.5], shared_model, 1 << 20), _peak_mb(files[15], shared_model, 1 << 20)
+    one_small, one_big = _peak_mb(files[0.5], shared_model, 1 << 40), _peak_mb(files[3], shared_model, 1 << 40)
+    print(f"peak RSS MB: ranged 1.5MB {ranged_small:.0f}, 15MB {ranged_big:.0f}; "
+          f"one pass 0.5MB {one_small:.0f}, 3MB {one_big:.0f}")
     assert ranged_big <= 1.5 * ranged_small
     assert one_big >= 1.5 * one_small and one_big >= 1.5 * ranged_small
 

@@ -76,67 +76,16 @@ for p in (str(REPO), str(HERE)):
         sys.path.insert(0, p)
 
 import numpy as np  # noqa: E402
+from common import descendants, proc_status, proc_title, reset_hwm  # noqa: E402
 
 log = logging.getLogger("bench_scale")
 MB = 1 << 20
-STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 # the stages of the path under test (the driver's peak is taken over them)
 PIPELINE = ("ray", "write", "train", "add", "serve", "query", "add_fixed")
 
 
 # ---------------------------------------------------------------------------------------------
 # /proc: process tree, titles, memory
-
-
-def proc_status(pid: int) -> dict[str, float] | None:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of a process in MiB (None if it is gone)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in STATUS_FIELDS:
-                    out[k] = int(v.split()[0]) / 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return out
-
-
-def proc_title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return ""
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process under `root` (children, their children, ...)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def reset_hwm(pid: int) -> None:
-    """VmHWM := the current VmRSS (Linux >= 4.0)."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def classify(title: str) -> str | None:
@@ -347,7 +296,8 @@ def run_size(a, n: int, out_path: str) -> None:
     from builder.train import train_stage
     from retriever import Retriever, start_servers, stop_servers
 
-    fixed = a.fixed_shard_size or max(1, a.sizes_list[0] // a.index_shards)
+    fixed = a.ids_per_shard or a.fixed_shard_size or max(1, a.sizes_list[0] // a.index_shards)
+    layout = {"shard_size": a.ids_per_shard} if a.ids_per_shard else {"index_shards": a.index_shards}
     work = os.path.join(a.workdir, f"n{n}")
     os.makedirs(work, exist_ok=True)
     moto = start_moto() if a.s3 else None
@@ -398,8 +348,8 @@ def run_size(a, n: int, out_path: str) -> None:
 
         before = baseline_add()
         watch.begin("add")
-        ar = add_stage(AddConfig(datastore=uri, index_shards=a.index_shards, workers=a.add_workers,
-                                 threads=a.add_threads, encoder="faiss"))
+        ar = add_stage(AddConfig(datastore=uri, workers=a.add_workers, threads=a.add_threads, encoder="faiss",
+                                 **layout))
         shards = ar.manifest.index_shards
         watch.end(index_shards=len(shards), ids_per_shard=[s["num_ids"] for s in shards],
                   index_bytes=sum(s["bytes"] for s in shards), vectors_per_s=n / ar.seconds,
@@ -534,32 +484,39 @@ def summarize(runs: list[dict], a) -> dict:
             row["s3_server_peak_mb"] = max(v.get("s3_server", {}).get("peak_mb_max", 0) for v in S.values())
         out["sizes"][str(n)] = row
     if len(runs) >= 2:
-        r1, r2 = out["sizes"][str(runs[0]["num_keys"])], out["sizes"][str(runs[-1]["num_keys"])]
-        n1, n2 = runs[0]["num_keys"], runs[-1]["num_keys"]
-        ratio = (lambda x, y: (y / x) if x else None)                      # noqa: E731
-        per_server_1 = n1 / r1["add"]["index_shards"]
-        per_server_2 = n2 / r2["add"]["index_shards"]
-        out["ratios"] = {
-            "keys": n2 / n1,
-            "driver_peak": ratio(r1["driver_peak_mb_max"], r2["driver_peak_mb_max"]),
-            "driver_peak_per_stage": {k: ratio(r1["driver_peak_mb"][k], r2["driver_peak_mb"][k])
-                                      for k in r1["driver_peak_mb"] if k in r2["driver_peak_mb"]},
-            "add_worker_peak_fixed_shard_size": ratio(r1["add_fixed"]["worker_peak_mb"],
-                                                      r2["add_fixed"]["worker_peak_mb"]),
-            "add_worker_peak_fixed_shard_count": ratio(r1["add"]["worker_peak_mb"], r2["add"]["worker_peak_mb"]),
-            "index_server_peak": ratio(r1["serve"]["server_peak_mb"], r2["serve"]["server_peak_mb"]),
-            "index_server_ids": per_server_2 / per_server_1,
-            "index_server_mb_per_million_ids": ((r2["serve"]["server_peak_mb"] - r1["serve"]["server_peak_mb"])
-                                                / ((per_server_2 - per_server_1) / 1e6)),
-            "index_server_file_backed_mb_per_million_ids": (
-                (_mean_end(r2, "file_end_mb") - _mean_end(r1, "file_end_mb")) / ((per_server_2 - per_server_1) / 1e6)),
-            "index_server_anon_mb_per_million_ids": (
-                (_mean_end(r2, "anon_end_mb") - _mean_end(r1, "anon_end_mb")) / ((per_server_2 - per_server_1) / 1e6)),
-            "add_worker_mb_per_million_ids_fixed_count": (
-                ((r2["add"]["worker_peak_mb"] or 0) - (r1["add"]["worker_peak_mb"] or 0))
-                / ((per_server_2 - per_server_1) / 1e6)),
-        }
+        out["ratios"] = size_ratios(out["sizes"], runs[0]["num_keys"], runs[-1]["num_keys"])
+        # each size against the one before it: with --ids-per-shard, 10M -> 100M compares processes that
+        # hold the same ids (one 10M-id shard against ten)
+        out["ratios_by_step"] = {f"{n1}->{n2}": size_ratios(out["sizes"], n1, n2)
+                                 for n1, n2 in zip([r["num_keys"] for r in runs], [r["num_keys"] for r in runs[1:]])}
     return out
+
+
+def size_ratios(sizes: dict, n1: int, n2: int) -> dict:
+    """Size n2 against size n1: the driver's, add workers' and index servers' peaks, and per million ids."""
+    r1, r2 = sizes[str(n1)], sizes[str(n2)]
+    ratio = (lambda x, y: (y / x) if x else None)                          # noqa: E731
+    same_ids = r1["add"]["ids_per_shard"] == r2["add"]["ids_per_shard"]
+    per_id = (lambda d: d / ((r2["add"]["ids_per_shard"] - r1["add"]["ids_per_shard"]) / 1e6)  # noqa: E731
+              if not same_ids else None)
+    return {
+        "keys": n2 / n1,
+        "driver_peak": ratio(r1["driver_peak_mb_max"], r2["driver_peak_mb_max"]),
+        "driver_peak_per_stage": {k: ratio(r1["driver_peak_mb"][k], r2["driver_peak_mb"][k])
+                                  for k in r1["driver_peak_mb"] if k in r2["driver_peak_mb"]},
+        "add_worker_peak_fixed_shard_size": ratio(r1["add_fixed"]["worker_peak_mb"],
+                                                  r2["add_fixed"]["worker_peak_mb"]),
+        "add_worker_peak_fixed_shard_count": ratio(r1["add"]["worker_peak_mb"], r2["add"]["worker_peak_mb"]),
+        "index_server_peak": ratio(r1["serve"]["server_peak_mb"], r2["serve"]["server_peak_mb"]),
+        "index_server_ids": r2["add"]["ids_per_shard"] / r1["add"]["ids_per_shard"],
+        "index_server_mb_per_million_ids": per_id(r2["serve"]["server_peak_mb"] - r1["serve"]["server_peak_mb"]),
+        "index_server_file_backed_mb_per_million_ids": per_id(_mean_end(r2, "file_end_mb")
+                                                              - _mean_end(r1, "file_end_mb")),
+        "index_server_anon_mb_per_million_ids": per_id(_mean_end(r2, "anon_end_mb") - _mean_end(r1, "anon_end_mb")),
+        "add_worker_mb_per_million_ids_fixed_count": per_id((r2["add"]["worker_peak_mb"] or 0)
+                                                            - (r1["add"]["worker_peak_mb"] or 0)),
+        "query_ms_per_query": ratio(r1["query_ms_per_query"], r2["query_ms_per_query"]),
+    }
 
 
 def print_report(summary: dict, a, machine: dict, load_before, load_after, total_s: float, path) -> None:
@@ -567,7 +524,8 @@ def print_report(summary: dict, a, machine: dict, load_before, load_after, total
     rows = [summary["sizes"][s] for s in sizes]
     print(f"\n{machine['hostname']}: {machine['nproc']} CPUs ({machine['cpu_model']}), faiss {machine.get('faiss')}, "
           f"ray {machine.get('ray')}; load {load_before[0]:.2f} before, {load_after[0]:.2f} after")
-    print(f"dim {a.dim}, {a.factory}, train {a.train_size:,}, {a.index_shards} index shards, k={a.k}, "
+    shards = f"index shards of {a.ids_per_shard:,} ids" if a.ids_per_shard else f"{a.index_shards} index shards"
+    print(f"dim {a.dim}, {a.factory}, train {a.train_size:,}, {shards}, k={a.k}, "
           f"nprobe={a.nprobe}, {a.queries} queries in batches of {a.batch}; storage "
           f"{'S3 (moto)' if a.s3 else 'local directory'}; {a.cpus} Ray CPUs")
     w = 14
@@ -613,16 +571,20 @@ def print_report(summary: dict, a, machine: dict, load_before, load_after, total
     print(f"{'Ray system processes (sum)':40}" + "".join(f"{r['ray_system_peak_mb_sum']:>{w},.0f}" for r in rows))
     if "s3_server_peak_mb" in rows[0]:
         print(f"{'S3 server (moto)':40}" + "".join(f"{r.get('s3_server_peak_mb', 0):>{w},.0f}" for r in rows))
-    rt = summary.get("ratios")
-    if rt:
-        print(f"\nratios, {int(sizes[-1]):,} vs {int(sizes[0]):,} keys ({rt['keys']:.0f}x):")
+    steps = [(k, v) for k, v in summary.get("ratios_by_step", {}).items() if len(sizes) > 2]
+    for label, rt in [(f"{int(sizes[-1]):,} vs {int(sizes[0]):,}", summary.get("ratios"))] + [
+            (f"{int(k.split('->')[1]):,} vs {int(k.split('->')[0]):,}", v) for k, v in steps]:
+        if not rt:
+            continue
+        print(f"\nratios, {label} keys ({rt['keys']:.0f}x):")
+        mb = (lambda x: "-" if x is None else f"{x:.0f}")                 # noqa: E731  (None: same ids)
         print(f"  driver peak {rt['driver_peak']:.2f}; add worker peak {rt['add_worker_peak_fixed_shard_size']:.2f} "
-              f"at a fixed shard size, {rt['add_worker_peak_fixed_shard_count']:.2f} at a fixed shard count "
-              f"({rt['add_worker_mb_per_million_ids_fixed_count']:.0f} MiB per million ids of its shard)")
-        print(f"  index server peak {rt['index_server_peak']:.2f} for {rt['index_server_ids']:.0f}x the ids "
-              f"({rt['index_server_mb_per_million_ids']:.0f} MiB per million ids of its shard; file-backed "
-              f"{rt['index_server_file_backed_mb_per_million_ids']:.0f}, anonymous "
-              f"{rt['index_server_anon_mb_per_million_ids']:.0f})")
+              f"at a fixed shard size, {rt['add_worker_peak_fixed_shard_count']:.2f} in the add stage's layout "
+              f"({mb(rt['add_worker_mb_per_million_ids_fixed_count'])} MiB per million ids of its shard)")
+        print(f"  index server peak {rt['index_server_peak']:.2f} for {rt['index_server_ids']:.1f}x the ids per shard "
+              f"({mb(rt['index_server_mb_per_million_ids'])} MiB per million ids of its shard; file-backed "
+              f"{mb(rt['index_server_file_backed_mb_per_million_ids'])}, anonymous "
+              f"{mb(rt['index_server_anon_mb_per_million_ids'])}); router ms/query {rt['query_ms_per_query']:.2f}x")
     print(f"\nresult: {path} (bench took {total_s:.0f}s)")
 
 
@@ -634,6 +596,9 @@ def main(argv=None) -> int:
     ap.add_argument("--factory", default="IVF1024,PQ16", help="index factory")
     ap.add_argument("--train-size", type=int, default=200_000)
     ap.add_argument("--index-shards", type=int, default=4, help="index shards of the add/serve stages")
+    ap.add_argument("--ids-per-shard", type=int, default=None,
+                    help="instead of --index-shards: index shards of this many ids in the add/serve stages (knnlm add "
+                         "--shard-size), so that sizes compare processes holding the same ids")
     ap.add_argument("--fixed-shard-size", type=int, default=None,
                     help="ids per index shard of the add-fixed stage (default: smallest size / --index-shards)")
     ap.add_argument("--add-workers", type=int, default=None, help="concurrent add tasks (default: knnlm add's)")

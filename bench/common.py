@@ -39,3 +39,60 @@ def peak_rss_mb() -> float:
     except (OSError, StopIteration):
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r / (1 << 20) if sys.platform == "darwin" else r / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc: another process's memory, its title, the processes under it (Linux)
+
+STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+def proc_status(pid: int) -> dict[str, float] | None:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of a process in MiB (None if it is gone)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in STATUS_FIELDS:
+                    out[k] = int(v.split()[0]) / 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return out
+
+
+def proc_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process under `root` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def reset_hwm(pid: int) -> None:
+    """VmHWM := the current VmRSS (Linux >= 4.0)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass

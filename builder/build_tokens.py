@@ -7,7 +7,9 @@ rest run as Ray tasks, or on the driver for a small local corpus. A file larger 
 corpus_ranges.RANGE_BYTES is cut into ranges (builder/corpus_ranges.py) tokenized by parallel tasks,
 each into tokens/<i>.part-<k>.bin + .seqs + .json (a rerun keeps the finished ones); the driver then
 joins the tokens into tokens/<i>.bin without reading them (Storage.compose), the tables one part at a
-time into tokens/<i>.seqs, and writes tokens/<i>.json last.
+time into tokens/<i>.seqs, and writes tokens/<i>.json last. A file of one range is one task that does
+the same with its one part; only a file of one chunk (CHUNK_BYTES) or one never cut (a `text` file in
+document mode is one record; Parquet) is tokenized in one pass, which needs ~160 bytes per byte of text.
 """
 from __future__ import annotations
 
@@ -42,11 +44,11 @@ def tokenize_input(file_index: int, uri: str, fmt: str, mode: str, text_field: s
     tok = _tokenizer(tokenizer_path)
     size = size_uri(uri)
     bounds, ranges = chunk_grid(uri, size, detect_format(uri, fmt), mode) if tok.is_fast else ([0, size], [(0, 1)])
-    if len(ranges) > 1:                 # a large file: its ranges one after the other, here
+    if len(bounds) > 2:                 # more than one chunk: its ranges one after the other, here, a chunk at a time
         parts = [tokenize_part(file_index, k, uri, fmt, mode, text_field, tokenizer_path, root_uri, bounds, j0, j1,
                                tok) for k, (j0, j1) in enumerate(ranges)]
         return finish_ranged(storage, file_index, uri, fmt, mode, parts, hash_input(uri, size), size)
-    tf = tokenize_file(read_uri(uri), uri, fmt, mode, tok, text_field)
+    tf = tokenize_file(read_uri(uri), uri, fmt, mode, tok, text_field)     # one chunk, or a file never cut
     storage.write_bytes(tokens_path(file_index), tf.tokens.astype("<i4").tobytes())
     storage.write_bytes(tokens_seqs_path(file_index), tf.table())
     meta = tf.meta()

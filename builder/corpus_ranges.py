@@ -34,7 +34,7 @@ from builder.storage import read_uri_range
 
 log = logging.getLogger(__name__)
 
-RANGE_BYTES = 64 << 20     # a task's range (a file no larger is one task, as before)
+RANGE_BYTES = 64 << 20     # a task's range (a file no larger is one task, still a chunk at a time)
 CHUNK_BYTES = 256 << 10    # what a task tokenizes at once (its 3 views: ~0.15 GB above the process's own)
 MARGIN_BYTES = 4 << 10     # context on each side of a chunk in stream mode (doubled where needed)
 MAX_MARGIN_BYTES = 1 << 20
@@ -324,10 +324,11 @@ def _agree(left: View, right: View, nominal: tuple[int, int], margin: int) -> tu
 
 def chunk_grid(uri: str, size: int, fmt: str, mode: str, range_bytes: int | None = None,
                chunk_bytes: int | None = None, read=None) -> tuple[list[int], list[tuple[int, int]]]:
-    """(chunk cut points, ranges as [first chunk, end chunk)) of a file; one range if it fits in one."""
+    """(chunk cut points, ranges as [first chunk, end chunk)) of a file; one range if it fits in one. A file
+    of one range is still cut into chunks: a task's memory is bounded by the chunk, whatever the file."""
     range_bytes = range_bytes or RANGE_BYTES
     chunk = min(chunk_bytes or CHUNK_BYTES, range_bytes)
-    if size <= range_bytes:
+    if size <= chunk:
         return [0, size], [(0, 1)]
     bounds = plan_ranges(uri, size, fmt, mode, chunk, read)
     ranges, j = [], 0

@@ -187,6 +187,15 @@ def test_tokenize_input_in_ranges_writes_the_one_pass_files(toks, tmp_path, monk
     parts = [build_tokens.tokenize_part(1, k, src, "auto", "stream", "text", tok_path, many.uri, bounds, *r)
              for k, r in enumerate(ranges)]
     assert parts[0]["skipped"][0]["reason"] == "kept" and parts[1]["num_tokens"] > 0
+    # a file of one range but many chunks: one part, a chunk at a time, never the one pass (~160 B per byte)
+    monkeypatch.setattr(cr, "RANGE_BYTES", 1 << 30)
+    monkeypatch.setattr(build_tokens, "tokenize_file", None)
+    single = Storage.from_uri(str(tmp_path / "single"))
+    m3 = build_tokens.tokenize_input(0, src, "auto", "stream", "text", tok_path, single.uri)
+    assert m3 == m1, {k: (m3.get(k), m1.get(k)) for k in set(m1) | set(m3) if m1.get(k) != m3.get(k)}
+    assert single.list("tokens/") == [tokens_path(0), tokens_meta_path(0), tokens_seqs_path(0)]
+    for p in (tokens_path(0), tokens_seqs_path(0)):
+        assert single.read_bytes(p) == one.read_bytes(p)
 
 
 @pytest.mark.s3
@@ -210,18 +219,21 @@ def test_ranged_tokens_on_s3(toks, tmp_path, s3_bucket, monkeypatch):
 _PEAK = r"""
 import sys, tempfile
 from builder import build_tokens
-from builder import corpus_ranges as cr
+from builder.corpus import tokenize_file
 from common import peak_rss_mb       # VmHWM, not ru_maxrss: that one counts this test process's RSS too
-cr.RANGE_BYTES = int(sys.argv[3])
+path, tok_path, how = sys.argv[1:4]
 with tempfile.TemporaryDirectory() as out:
-    build_tokens.tokenize_input(0, sys.argv[1], "text", "stream", "text", sys.argv[2], out)
+    if how == "one pass":            # the tokenization before ranges: the whole file's text and tokens at once
+        tokenize_file(open(path, "rb").read(), path, "text", "stream", build_tokens._tokenizer(tok_path))
+    else:                            # the build's task: one range (the file is smaller than RANGE_BYTES)
+        build_tokens.tokenize_input(0, path, "text", "stream", "text", tok_path, out)
 print(peak_rss_mb())
 """
 
 
-def _peak_mb(path: str, tok_path: str, range_bytes: int) -> float:
+def _peak_mb(path: str, tok_path: str, how: str) -> float:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, str(range_bytes)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, how], capture_output=True, text=True,
                        check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join((repo, os.path.join(repo, "bench")))},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -230,18 +242,18 @@ def _peak_mb(path: str, tok_path: str, range_bytes: int) -> float:
 
 @pytest.mark.slow
 def test_peak_memory_is_bounded_by_the_chunk_not_the_file(shared_model, wikitext_splits, tmp_path):
-    """Stream mode, the real GPT-2 tokenizer on WikiText-2 text, 1 MB ranges: a 15 MB file peaks within 1.5x
-    of a 1.5 MB one (30 MB against 3 MB measured 361 and 358 MB); one pass grows with the file (0.5 MB against
-    3 MB: 376 and 765 MB; a 30 MB one pass would need ~5 GB)."""
+    """Stream mode, the real GPT-2 tokenizer on WikiText-2 text, the build's task (tokenize_input, one range of
+    256 KB chunks): a 15 MB file peaks within 1.5x of a 1.5 MB one (353 and 358 MB measured); the one pass
+    grows with the file (0.5 MB against 3 MB: 375 and 763 MB; a 64 MB file, one range, would need ~10 GB)."""
     with open(os.path.join(wikitext_splits, "train.txt"), "rb") as fh:
         block = fh.read()
     files = {n: write_text(tmp_path / f"{n}.txt", (block * 16)[:int(n * (1 << 20))]) for n in (0.5, 1.5, 3, 15)}
-    ranged_small, ranged_big = _peak_mb(files[1.5], shared_model, 1 << 20), _peak_mb(files[15], shared_model, 1 << 20)
-    one_small, one_big = _peak_mb(files[0.5], shared_model, 1 << 40), _peak_mb(files[3], shared_model, 1 << 40)
-    print(f"peak RSS MB: ranged 1.5MB {ranged_small:.0f}, 15MB {ranged_big:.0f}; "
+    task_small, task_big = _peak_mb(files[1.5], shared_model, "task"), _peak_mb(files[15], shared_model, "task")
+    one_small, one_big = _peak_mb(files[0.5], shared_model, "one pass"), _peak_mb(files[3], shared_model, "one pass")
+    print(f"peak RSS MB: task 1.5MB {task_small:.0f}, 15MB {task_big:.0f}; "
           f"one pass 0.5MB {one_small:.0f}, 3MB {one_big:.0f}")
-    assert ranged_big <= 1.5 * ranged_small
-    assert one_big >= 1.5 * one_small and one_big >= 1.5 * ranged_small
+    assert task_big <= 1.5 * task_small
+    assert one_big >= 1.5 * one_small and one_big >= 1.5 * task_small
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Scale benchmark: index 1M and 10M synthetic keys through the real distributed path, with memory peaks.
+"""Scale benchmark: index 1M, 10M (and 100M) synthetic keys through the real distributed path, with memory peaks.
 
 For each datastore size in --sizes (default 1M and 10M keys of --dim 64), in a fresh driver
 process of its own (so that its peaks are its own), this runs the stages the CLI runs:
@@ -13,8 +13,10 @@ process of its own (so that its peaks are its own), this runs the stages the CLI
            server mode on 127.0.0.1, as the tests' s3_server fixture) and s3://bucket/prefix URIs.
 3. train:  `builder.train.train_stage` (`knnlm train-index`): a uniform sample of --train-size
            keys, faiss on the CPU, --factory (IVF1024,PQ16 by default: 16-byte codes for 64 dims).
-4. add:    `builder.add.add_stage` (`knnlm add --index-shards`) on the embedded Ray:
-           Ray tasks stream their range's key shards from storage and write index shards back.
+4. add:    `builder.add.add_stage` (`knnlm add --index-shards`, or with --ids-per-shard N
+           `knnlm add --shard-size N`: index shards of N ids, so that sizes from N on compare
+           at equal ids per shard) on the embedded Ray: Ray tasks stream their range's key
+           shards from storage and write index shards back.
 5. serve:  `retriever.start_servers(uri, detached=False)`: one index-server actor per shard.
 6. query:  `Retriever.connect(uri).search(q, k=--k, nprobe=--nprobe)` over --queries queries in
            batches of --batch (cold: the first pass after the servers started).
@@ -48,6 +50,8 @@ bench/results/scale-cpu-<YYYY-MM-DD>.json (`--result` picks another file or dire
     python bench/bench_scale.py                         # 1M and 10M keys x 64 dims: 3-8 min on 2 cores
     python bench/bench_scale.py --sizes 1000000,2000000 --queries 1024
     python bench/bench_scale.py --s3 --sizes 200000,2000000   # through a local moto S3 server
+    python bench/bench_scale.py --sizes 1000000,10000000,100000000 --ids-per-shard 10000000 \
+        --queries 2048 --batch 256                         # 100M keys: ~15 min, ~16 GB of disk
 
 Local storage is the default: a 10M x 64 fp16 datastore is 1.3 GB of keys, which moto keeps in its
 own process's memory (and serves more slowly than a disk); --s3 runs the same path through S3's API.

@@ -7,8 +7,9 @@
     python bench/bench_tokenize.py --mb 2000 --mode document --cases "range task"
     python bench/bench_tokenize.py --mb 400 --cases "knnlm build"
 
-- one pass: the build's task with no range limit (tokenize_file) on the first --baseline-mb of the file
-  (its memory grows ~160 bytes per byte of text: a whole 200 MB file would need ~30 GB);
+- one pass: the whole text decoded and tokenized at once (tokenize_file, what a build task did with a file of
+  one range until 2026-12-02) on the first --baseline-mb of the file (its memory grows ~160 bytes per byte of
+  text: a whole 200 MB file would need ~30 GB);
 - range task: one range of RANGE_BYTES (the middle one) tokenized as a build task does it (tokenize_part),
   its peak is what every task of a ranged build needs, whatever the file size;
 - ranged, all ranges: the whole file in ranges one after the other in one process, joined (tokenize_input);
@@ -57,6 +58,10 @@ with tempfile.TemporaryDirectory() as out:
         k = len(ranges) // 2
         part = build_tokens.tokenize_part(0, k, path, fmt, mode, "text", tok, out, bounds, *ranges[k])
         n, nbytes, nranges = part["num_tokens"], part["end"] - part["start"], len(ranges)
+    elif case == "one pass":         # the whole file decoded and tokenized at once (tokenize_file)
+        from builder.storage import read_uri
+        tf = build_tokens.tokenize_file(read_uri(path), path, fmt, mode, build_tokens._tokenizer(tok), "text")
+        n, nbytes, nranges = len(tf.tokens), tf.meta()["bytes"], 1
     else:
         meta = build_tokens.tokenize_input(0, path, fmt, mode, "text", tok, out)
         n, nbytes, nranges = meta["num_tokens"], meta["bytes"], meta["ranges"]
@@ -78,12 +83,18 @@ def run_case(path: str, tok: str, case: str, range_bytes: int, fmt: str, mode: s
 PLANNED = re.compile(r"([\d,]+) keys in ([\d,]+) units")
 
 
-def _role(pid: int, driver: int, title: str) -> str:
-    if pid == driver:
+SYSTEM_ACTORS = ("ray::Dashboard", "ray::RuntimeEnv")
+
+
+def role(is_driver: bool, titles: list[str]) -> str:
+    """driver, ray worker (a process that ran tasks or actors: ray::tokenize_part, ray::KeyWorkerImpl, ...), ray
+    system (GCS, raylet, dashboard, agents) or other; from every title the process had (a worker's first one is
+    its command line, before Ray renames it)."""
+    if is_driver:
         return "driver"
-    if title.startswith("ray::"):
-        return "ray worker"                 # runs the tokenize tasks (ray::tokenize_part, ray::hash_input, ...)
-    return "ray system" if ("ray" in title or "gcs_server" in title) else "other"
+    if any(t.startswith("ray::") and not t.startswith(SYSTEM_ACTORS) for t in titles):
+        return "ray worker"
+    return "ray system" if any("ray" in t or "gcs_server" in t for t in titles) else "other"
 
 
 def knnlm_build(path: str, model: str, mode: str, work: str, interval: float, limit_mb: float) -> dict:
@@ -99,7 +110,7 @@ def knnlm_build(path: str, model: str, mode: str, work: str, interval: float, li
             st, title = proc_status(pid), proc_title(pid)
             if not st:
                 continue
-            rec = procs.setdefault(pid, {"role": _role(pid, p.pid, title), "titles": [], "peak_mb": 0.0})
+            rec = procs.setdefault(pid, {"role": "", "titles": [], "peak_mb": 0.0})
             name = title.split(" ")[0] if title.startswith("ray::") else title[:80]
             if name and name not in rec["titles"] and not name.startswith("ray::IDLE"):
                 rec["titles"].append(name)
@@ -139,6 +150,8 @@ def knnlm_build(path: str, model: str, mode: str, work: str, interval: float, li
                 pass
     meta = json.loads(Path(out, "tokens", "000000.json").read_text())
     seconds = marks["planned"] - marks.get("tokenize_start", 0.0)
+    for pid, rec in procs.items():
+        rec["role"] = role(pid == p.pid, rec["titles"])
     rows = sorted(({"pid": pid, **rec} for pid, rec in procs.items()), key=lambda r: -r["peak_mb"])
     roles = {}
     for r in rows:
@@ -187,8 +200,8 @@ def main(argv=None) -> int:
                 figures[case] = knnlm_build(path, tok, a.mode, work, 0.2, a.limit_gb * 1e9 / (1 << 20))
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                figures[case] = run_case(base_path if case == "one pass" else path, tok, case,
-                                         1 << 50 if case == "one pass" else range_bytes, fmt, a.mode)
+                figures[case] = run_case(base_path if case == "one pass" else path, tok, case, range_bytes, fmt,
+                                         a.mode)
             f = figures[case]
             f["tokens_per_s"] = f["tokens"] / f["seconds"]
             f["mb_per_s"] = f["bytes"] / f["seconds"] / 1e6
@@ -196,7 +209,8 @@ def main(argv=None) -> int:
                   f"peak RSS {f['peak_rss_mb']:7.0f} MB  ({f['ranges']} ranges)", flush=True)
             if case == "knnlm build":
                 for r in f["processes"]:
-                    print(f"    {r['role']:<11} pid {r['pid']:>7}  peak {r['peak_mb']:7.0f} MB  {' '.join(r['titles'])[:90]}")
+                    named = [t for t in r["titles"] if t.startswith("ray::")] or r["titles"]
+                    print(f"    {r['role']:<11} pid {r['pid']:>7}  peak {r['peak_mb']:7.0f} MB  {' '.join(named)[:90]}")
                 print(f"    {f['log_line']!r} after {f['seconds_to_plan']:.0f}s; every process below "
                       f"{a.limit_gb} GB: {f['every_process_below_limit']}", flush=True)
         base = figures.get("one pass")

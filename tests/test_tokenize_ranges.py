@@ -256,6 +256,55 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_file(shared_model, wikitext
     assert one_big >= 1.5 * one_small and one_big >= 1.5 * task_small
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,fmt", [("stream", "text"), ("document", "wikitext")])
+def test_shared_wikitext2_train_a_chunk_at_a_time_equals_one_pass(shared_model, wikitext_splits, tmp_path, mode, fmt):
+    """The build's task on the shared WikiText-2 train split with the shared model's GPT-2 tokenizer: one range
+    (the file is under RANGE_BYTES) of 256 KB chunks, as every file above one chunk is tokenized since
+    2026-12-02, gives the tokens, sequence table and counts of the one pass that tokenized it before."""
+    path = os.path.join(wikitext_splits, "train.txt")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    assert cr.CHUNK_BYTES < len(data) <= cr.RANGE_BYTES
+    one = tokenize_file(data, path, fmt, mode, build_tokens._tokenizer(shared_model))
+    st = Storage.from_uri(str(tmp_path / "out"))
+    meta = build_tokens.tokenize_input(0, path, fmt, mode, "text", shared_model, st.uri)
+    assert meta["ranges"] == 1 and st.list("tokens/") == [tokens_path(0), tokens_meta_path(0), tokens_seqs_path(0)]
+    assert st.read_bytes(tokens_path(0)) == one.tokens.astype("<i4").tobytes()
+    assert st.read_bytes(tokens_seqs_path(0)) == one.table()
+    assert {k: v for k, v in meta.items() if k not in ("tokens", "ranges")} == one.meta()
+    assert meta["num_tokens"] > 400_000
+
+
+_POOLED = r"""
+import os, sys, tempfile
+from builder import build_tokens
+from builder import corpus_ranges as cr
+path, tok_path = sys.argv[1:3]
+cr.RANGE_BYTES, cr.CHUNK_BYTES = 64 << 10, 16 << 10
+bounds, ranges = cr.chunk_grid(path, os.path.getsize(path), "text", "stream")
+rss = []
+with tempfile.TemporaryDirectory() as out:
+    for k in range(len(ranges)):           # as a pooled Ray worker runs them: one task after another
+        build_tokens.tokenize_part(0, k, path, "text", "stream", "text", tok_path, out, bounds, *ranges[k])
+        rss.append(next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("RssAnon:")) / 1024)
+print(len(ranges), rss[4], rss[-1])
+"""
+
+
+def test_a_worker_running_many_range_tasks_stays_flat(shared_model, wikitext_splits, tmp_path):
+    """Range tasks one after another in one process (a pooled Ray worker) load the tokenizer once: each load
+    kept ~4 MB (a 2 GB file's 30 tasks took a worker from 442 to 552 MB)."""
+    with open(os.path.join(wikitext_splits, "train.txt"), "rb") as fh:
+        src = write_text(tmp_path / "t.txt", fh.read()[:2 << 20])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _POOLED, src, shared_model], capture_output=True, text=True,
+                       check=False, env={**os.environ, "PYTHONPATH": repo}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, after_5, last = r.stdout.split()
+    assert int(n) >= 30 and float(last) - float(after_5) < 25, r.stdout
+
+
 @pytest.fixture(scope="module")
 def one_range_build(tiny_models, tmp_path_factory, ray_cluster):
     from test_build import small_cfg

@@ -491,8 +491,8 @@ def summarize(runs: list[dict], a) -> dict:
         out["ratios"] = size_ratios(out["sizes"], runs[0]["num_keys"], runs[-1]["num_keys"])
         # each size against the one before it: with --ids-per-shard, 10M -> 100M compares processes that
         # hold the same ids (one 10M-id shard against ten)
-        out["ratios_by_step"] = {f"{n1}->{n2}": size_ratios(out["sizes"], n1, n2)
-                                 for n1, n2 in zip([r["num_keys"] for r in runs], [r["num_keys"] for r in runs[1:]])}
+        keys = [r["num_keys"] for r in runs]
+        out["ratios_by_step"] = {f"{n1}->{n2}": size_ratios(out["sizes"], n1, n2) for n1, n2 in zip(keys, keys[1:])}
     return out
 
 
@@ -575,12 +575,13 @@ def print_report(summary: dict, a, machine: dict, load_before, load_after, total
     print(f"{'Ray system processes (sum)':40}" + "".join(f"{r['ray_system_peak_mb_sum']:>{w},.0f}" for r in rows))
     if "s3_server_peak_mb" in rows[0]:
         print(f"{'S3 server (moto)':40}" + "".join(f"{r.get('s3_server_peak_mb', 0):>{w},.0f}" for r in rows))
-    steps = [(k, v) for k, v in summary.get("ratios_by_step", {}).items() if len(sizes) > 2]
-    for label, rt in [(f"{int(sizes[-1]):,} vs {int(sizes[0]):,}", summary.get("ratios"))] + [
-            (f"{int(k.split('->')[1]):,} vs {int(k.split('->')[0]):,}", v) for k, v in steps]:
+    pairs = [(sizes[0], sizes[-1], summary.get("ratios"))]            # the whole range, then each step of it
+    if len(sizes) > 2:
+        pairs += [(s1, s2, summary["ratios_by_step"][f"{s1}->{s2}"]) for s1, s2 in zip(sizes, sizes[1:])]
+    for s1, s2, rt in pairs:
         if not rt:
             continue
-        print(f"\nratios, {label} keys ({rt['keys']:.0f}x):")
+        print(f"\nratios, {int(s2):,} vs {int(s1):,} keys ({rt['keys']:.0f}x):")
         mb = (lambda x: "-" if x is None else f"{x:.0f}")                 # noqa: E731  (None: same ids)
         print(f"  driver peak {rt['driver_peak']:.2f}; add worker peak {rt['add_worker_peak_fixed_shard_size']:.2f} "
               f"at a fixed shard size, {rt['add_worker_peak_fixed_shard_count']:.2f} in the add stage's layout "

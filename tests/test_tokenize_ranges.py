@@ -231,13 +231,18 @@ print(peak_rss_mb())
 """
 
 
-def _peak_mb(path: str, tok_path: str, how: str) -> float:
+def _child(script: str, *args: str) -> str:
+    """stdout of `script` run in a fresh Python (its memory its own), with the repository and bench/ importable."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _PEAK, path, tok_path, how], capture_output=True, text=True,
-                       check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join((repo, os.path.join(repo, "bench")))},
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join((repo, os.path.join(repo, "bench")))},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    return float(r.stdout.split()[-1])
+    return r.stdout
+
+
+def _peak_mb(path: str, tok_path: str, how: str) -> float:
+    return float(_child(_PEAK, path, tok_path, how).split()[-1])
 
 
 @pytest.mark.slow
@@ -297,12 +302,9 @@ def test_a_worker_running_many_range_tasks_stays_flat(shared_model, wikitext_spl
     kept ~4 MB (a 2 GB file's 30 tasks took a worker from 442 to 552 MB)."""
     with open(os.path.join(wikitext_splits, "train.txt"), "rb") as fh:
         src = write_text(tmp_path / "t.txt", fh.read()[:2 << 20])
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _POOLED, src, shared_model], capture_output=True, text=True,
-                       check=False, env={**os.environ, "PYTHONPATH": repo}, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    n, after_5, last = r.stdout.split()
-    assert int(n) >= 30 and float(last) - float(after_5) < 25, r.stdout
+    out = _child(_POOLED, src, shared_model)
+    n, after_5, last = out.split()
+    assert int(n) >= 30 and float(last) - float(after_5) < 25, out
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from builder.corpus import _WIKI_TITLE, STREAM_RECORD_SEPARATOR, InputError, detect_format, first_skipped, read_records
+from builder.corpus_records import count_lines, jsonl_records, shift_reason, shift_where, special_tokens
 from builder.seqs import TableWriter
 from builder.storage import read_uri_range
 
@@ -96,50 +97,6 @@ def plan_ranges(uri: str, size: int, fmt: str, mode: str, target_bytes: int, rea
             break
         out.append(q)
     return out + [size] if size > 0 else [0, 0]
-
-
-# special tokens and record locations
-
-
-def special_tokens(tok) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the ids the tokenizer adds around a text with add_special_tokens=True."""
-    sample = "Hello world"
-    bare = tok(sample, add_special_tokens=False)["input_ids"]
-    full = tok(sample, add_special_tokens=True)["input_ids"]
-    for k in range(len(full) - len(bare) + 1):
-        if full[k:k + len(bare)] == bare:
-            return full[:k], full[k + len(bare):]
-    raise InputError(f"tokenizer {getattr(tok, 'name_or_path', '')}: its special tokens are not a prefix and a "
-                     "suffix of the text's tokens; it cannot tokenize in ranges")
-
-
-def shift_where(where: str, records: int, lines: int) -> str:
-    """A record location of a range ("line 3", "article 2 (line 40)") as the whole file numbers it."""
-    m = re.fullmatch(r"article (\d+) \(line (\d+)\)", where)
-    if m:
-        return f"article {int(m[1]) + records} (line {int(m[2]) + lines})"
-    m = re.fullmatch(r"line (\d+)", where)
-    return f"line {int(m[1]) + lines}" if m else where
-
-
-def shift_reason(reason: str, lines: int) -> str:
-    """A skip reason that names a line ("... of the line 3)") as the whole file numbers it."""
-    return re.sub(r"(of the (?:article at )?line )(\d+)\)$", lambda m: f"{m[1]}{int(m[2]) + lines})", reason)
-
-
-def count_lines(data: bytes, fmt: str) -> int:
-    """How far a range moves the line numbers of the records after it."""
-    return len(data.splitlines()) if fmt == "wikitext" else data.count(b"\n")
-
-
-def _jsonl(data: bytes, base: int, uri: str, text_field: str) -> list[tuple[int, object]]:
-    """(line start byte, Record) of each record of JSONL bytes starting at byte `base` of the file."""
-    starts, pos = [], base
-    for raw in data.split(b"\n"):
-        if raw.strip():
-            starts.append(pos)
-        pos += len(raw) + 1
-    return list(zip(starts, read_records(data, uri, "jsonl", text_field)))
 
 
 # stream mode: views of chunks and the seams between them
@@ -215,7 +172,7 @@ class Source:
             return True
         while x > 0:
             lo = self._line_start_before(max(0, x - SCAN))
-            for start, r in reversed(_jsonl(self.read(lo, x), lo, self.uri, self.text_field)):
+            for start, r in reversed(jsonl_records(self.read(lo, x), lo, self.uri, self.text_field)):
                 if not r.skip and r.text and r.text.strip():
                     self._good_before = start
                     return True
@@ -238,7 +195,7 @@ class Source:
             b = b if b >= self.size else (_next_cut(self.read, self.size, b, False) or self.size)
             parts, segs, n = [], [], 0
             sep = self._any_good_before(a)
-            for line, r in _jsonl(self.read(a, b), a, self.uri, self.text_field):
+            for line, r in jsonl_records(self.read(a, b), a, self.uri, self.text_field):
                 if r.skip or not r.text or not r.text.strip():
                     continue
                 if sep:

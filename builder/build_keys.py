@@ -73,9 +73,13 @@ def start_workers(cfg, storage: Storage, model_dir: str, use_cuda: bool, cpus: i
     n_workers = cfg.workers or (gpus if use_cuda else 1)
     # torch threads per CPU worker: its share of the cluster, never more than one node has
     threads = 1 if use_cuda else max(1, min(node_cpus, cpus // n_workers))
-    # CPU workers reserve one logical CPU each (not `threads`) so tokenize tasks can run beside them
+    # Ray's default CPU request of an actor: one CPU to be placed (never on a node without CPUs), none held
+    # while it lives. The tokenize tasks, which run while the workers load their model, then always find
+    # the CPUs: workers that held one each starved them forever once they filled the cluster (--workers
+    # as many as its CPUs, or a node lost mid-tokenization). CPU workers spread, one per node first.
     Actor = ray.remote(concurrency_groups=WORKER_CONCURRENCY)(KeyWorkerImpl).options(
-        num_gpus=1 if use_cuda else 0, num_cpus=1, max_restarts=-1, max_task_retries=0)
+        **({"num_gpus": 1} if use_cuda else {"scheduling_strategy": "SPREAD"}), max_restarts=-1,
+        max_task_retries=0)
     device = "cuda" if use_cuda else "cpu"
     log.info("%d key workers (%s, %s%s)", n_workers, device, compute_dtype,
              "" if use_cuda else f", {threads} threads each")

@@ -55,3 +55,22 @@ def test_s3_missing_bucket_is_a_clear_error(gpt2_model, tmp_path, s3_server):
 def test_s3_missing_corpus_is_a_clear_error(gpt2_model, tmp_path, s3_bucket):
     with pytest.raises(BuildError, match="--corpus s3://.*no object"):
         build(small_cfg([f"s3://{s3_bucket}/nothing-here/"], gpt2_model, tmp_path / "ds"))
+
+
+def test_s3_build_with_as_many_key_workers_as_cpus_tokenizes(tmp_path, s3_bucket, gpt2_model, ray_cluster):
+    """The key workers start while the corpus is tokenized on Ray tasks: they must not hold the CPUs those
+    tasks need. With one CPU held per worker, 2 workers on this 2-CPU Ray starved the tasks forever (and so
+    did a node lost mid-tokenization: the fault suite's node kill hung)."""
+    import threading
+
+    corpus = document_corpus(tmp_path)
+    s3 = boto3.client("s3")
+    for p in corpus:
+        s3.upload_file(p, s3_bucket, f"cpus/{p.rsplit('/', 1)[-1]}")
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(res=build(small_cfg(
+        [f"s3://{s3_bucket}/cpus"], gpt2_model, f"s3://{s3_bucket}/ds-cpus", workers=2))), daemon=True)
+    t.start()
+    t.join(timeout=240)
+    assert not t.is_alive(), "the build hung: its tokenize tasks found no free CPU beside the key workers"
+    assert got["res"].manifest.num_keys == build(small_cfg(corpus, gpt2_model, tmp_path / "local")).manifest.num_keys > 0

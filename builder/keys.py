@@ -224,16 +224,27 @@ class KeyEncoder:
         return self.last
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole forward: (keys (B, T, d) at the key layer in the compute dtype, logits (B, T, V)
-        float32: the LM head in float32, see `fp32_head`, set up on the first call), from one pass."""
+    def score(self, input_ids: torch.Tensor, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole forward: (keys (B, T, d) at the key layer in the compute dtype, logits (B, T - first,
+        V) float32 of positions [first, T): the LM head in float32, see `fp32_head`, set up on the first
+        call), from one pass. The head runs on those positions only where the model takes
+        `logits_to_keep` (a window's context positions need no logits: half of an evaluation window)."""
         fp32_head(self.model)
         self.last, stop, self.stop = None, self.stop, False
+        kw = {"logits_to_keep": input_ids.shape[1] - first} if first > 0 and self._keeps_logits() else {}
         try:
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, use_cache=False, **kw).logits
+            if logits.shape[1] != input_ids.shape[1] - first:           # all positions: those from `first` on
+                logits = logits[:, first:]
         finally:
             self.stop = stop
         return self._key(), logits
+
+    def _keeps_logits(self) -> bool:
+        if not hasattr(self, "_logits_to_keep"):
+            import inspect
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -272,16 +283,16 @@ class WindowJob:
     hi: int
 
 
-def _next_logprobs(logits: torch.Tensor, job: WindowJob) -> torch.Tensor:
-    """logits (T, V) of one window → (hi - lo,) float64 log p(next token) at positions [lo, hi):
-    the log-softmax in float32 over the vocabulary, then gathered and widened."""
+def _next_logprobs(logits: torch.Tensor, job: WindowJob, first: int = 0) -> torch.Tensor:
+    """logits (T - first, V) of one window's positions [first, T) → (hi - lo,) float64 log p(next token)
+    at positions [lo, hi): the log-softmax in float32 over the vocabulary, then gathered and widened."""
     tgt = torch.from_numpy(np.asarray(job.tokens[job.lo + 1:job.hi + 1], dtype=np.int64)).to(logits.device)
-    lp = torch.log_softmax(logits[job.lo:job.hi].float(), dim=-1)                  # (m, V) fp32 (no-op cast)
+    lp = torch.log_softmax(logits[job.lo - first:job.hi - first].float(), dim=-1)  # (m, V) fp32 (no-op cast)
     return lp.gather(1, tgt[:, None])[:, 0].double()                                # (m,) fp64
 
 
 def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id: int = 0,
-            logprobs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+            logprobs: bool = False, on_batch=None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """The one batched forward: (keys, log-probs) per job, in job order.
 
     keys: (hi - lo, d) float16, the key-layer states at positions [lo, hi); log-probs (only with
@@ -291,7 +302,9 @@ def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id:
 
     Windows are batched longest-first (a stable sort: ties keep job order) to limit padding and
     right-padded with `pad_id`; on CUDA the copy of a batch's results to the host overlaps the
-    next batch's forward pass."""
+    next batch's forward pass. `on_batch(job indices, their keys, their log-probs or None)`, when given,
+    is called as each batch's results are in (a caller can use them while the next batch runs: `knnlm
+    eval` searches them)."""
     keys: list[np.ndarray | None] = [None] * len(jobs)
     lps: list[np.ndarray | None] | None = [None] * len(jobs) if logprobs else None
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].tokens))
@@ -311,6 +324,8 @@ def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id:
             if lp is not None:
                 lps[i] = lp[off:off + n]
             off += n
+        if on_batch is not None:
+            on_batch(idx, [keys[i] for i in idx], [lps[i] for i in idx] if lps is not None else None)
 
     def to_host(t: torch.Tensor) -> torch.Tensor:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -326,8 +341,9 @@ def forward(jobs: list[WindowJob], encoder: KeyEncoder, batch_size: int, pad_id:
         ids_t = torch.from_numpy(ids).to(dev, non_blocking=cuda)
         lp = None
         if logprobs:
-            h, logits = encoder.score(ids_t)                                 # (B, T, d) compute dtype, (B, T, V) fp32
-            lp = torch.cat([_next_logprobs(logits[r], jobs[i]) for r, i in enumerate(idx)])   # (sum keep,) fp64
+            first = min(jobs[i].lo for i in idx)      # logits of positions [first, T) only: the scored ones
+            h, logits = encoder.score(ids_t, first)                          # (B, T, d), (B, T - first, V) fp32
+            lp = torch.cat([_next_logprobs(logits[r], jobs[i], first) for r, i in enumerate(idx)])  # (sum keep,) fp64
             del logits
         else:
             h = encoder(ids_t)                                               # (B, T, d) compute dtype

@@ -77,7 +77,7 @@ class EvalConfig:
     batch_size: int = opt(8, file=False, help="windows per forward pass")
     cache_dir: str | None = opt(None, file=False, help="cache of the embedded servers")
     out: str | None = opt(None, metavar="FILE.json", help="also write the results as JSON")
-    search_batch: int = 1024
+    search_batch: int = 4096
     chunk_targets: int = 8192
     device: str = "auto"
     threads: int | None = None

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +43,7 @@ from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
 from retriever.config import EvalConfig
 from retriever.knnlm import PAPER_K, PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs, perplexity
-from retriever.router import Retriever, RetrieverError, serving
+from retriever.router import Retriever, RetrieverError, find_all, serving
 from retriever.server import RequestError
 from retriever.tune import write_chunk
 
@@ -156,11 +160,14 @@ class EvalWorkerImpl:
         except EvalError as e:
             self.error = e
         self.datastore, self._retriever = datastore, None
+        self.servers_up = None       # in-process: waits until the embedded servers answer (see `evaluate`)
 
     @property
     def retriever(self):
         """Connected on first use: the worker starts before the servers are up (see `evaluate`)."""
         if self._retriever is None:
+            if self.servers_up is not None:
+                self.servers_up()
             self._retriever = Retriever.connect(self.datastore)
         return self._retriever
 
@@ -172,30 +179,107 @@ class EvalWorkerImpl:
         if self.error is not None:
             raise self.error
         maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it, the chunk runs again
-        t0 = time.perf_counter()
-        q, lm, tgt = score_windows(windows, self.encoder, batch_size)
-        t1 = time.perf_counter()
-        knn = np.empty(len(q))
-        dists, values = [], []
-        t_search = 0.0
-        versions = set()
-        for a in range(0, len(q), search_batch):
-            ts = time.perf_counter()
-            r = self.retriever.search(q[a:a + search_batch].astype(np.float32), k=k, nprobe=nprobe, rerank=rerank)
-            t_search += time.perf_counter() - ts
-            versions.add(r.version)
-            knn[a:a + len(r.ids)] = knn_log_probs(r.dist, r.values, tgt[a:a + search_batch], temperature,
-                                                  self.retriever.metric)
-            if save_uri:
-                dists.append(r.dist)
-                values.append(r.values)
-        mix = interpolate(lm, knn, lam)
-        t2 = time.perf_counter()
+        started = time.time()
+        out = score_and_search(windows, self.encoder, lambda: self.retriever, k, nprobe, rerank, temperature, batch_size,
+                               search_batch, keep=bool(save_uri))
+        t = time.perf_counter()
+        mix = interpolate(out.lm, out.knn, lam)
+        out.seconds["combine"] += time.perf_counter() - t
         if save_uri:
-            write_chunk(Storage.from_uri(save_uri), chunk_id, tgt, lm, np.concatenate(dists), np.concatenate(values))
-        # lm: the forward (queries and log-probs); search: the router's calls; combine: p_kNN and the mix
-        return {"lm": lm, "knnlm": mix, "tokens": len(q), "versions": sorted(versions),
-                "seconds": {"lm": t1 - t0, "search": t_search, "combine": t2 - t1 - t_search}}
+            write_chunk(Storage.from_uri(save_uri), chunk_id, out.targets, out.lm, out.dists, out.values)
+        return {"lm": out.lm, "knnlm": mix, "tokens": len(out.lm), "versions": sorted(out.versions),
+                "started": started, "seconds": out.seconds}
+
+
+@dataclass
+class Scored:
+    """A chunk's targets scored: LM and kNN log-probs (m,) float64, targets (m,) int64, and with `keep`
+    the neighbours' distances and values (m, k); `seconds`: see `score_and_search`."""
+    lm: np.ndarray
+    knn: np.ndarray
+    targets: np.ndarray
+    dists: np.ndarray | None
+    values: np.ndarray | None
+    versions: set
+    seconds: dict
+
+
+def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, rerank: bool, temperature: float,
+                     batch_size: int, search_batch: int, keep: bool = False) -> Scored:
+    """The LM forward of the windows (`score_windows`'s, the same batches) and the search of their
+    queries, `search_batch` at a time, two router calls in flight (the servers search one batch while
+    this process merges the last one and computes its p_kNN). Each target's numbers do not depend on
+    how the queries are grouped.
+
+    On a GPU the searches start as each forward batch is done, overlapping the forward. On CPUs they
+    start after the forward: the LM and the servers then share the cores, and overlapping them measured
+    slower (54 s against 44 s on the 2-core bench: each slowed the other by more than it gained).
+
+    seconds: lm (the forward), search (the router's calls: the servers' answers and their merge), wait
+    (the time from the forward's end to the last answer), merge (the router's merge of the shards'
+    top-k), combine (p_kNN and the mix)."""
+    jobs = [WindowJob(toks, a - 1, b - 1) for toks, a, b in windows]      # positions t−1 of targets [a, b)
+    off = np.concatenate([[0], np.cumsum([b - a for _, a, b in windows])]).astype(np.int64)
+    n = int(off[-1])
+    tgt = np.concatenate([toks[a:b] for toks, a, b in windows]).astype(np.int64)
+    lm, knn = np.empty(n), np.empty(n)
+    dists = np.empty((n, k), np.float32) if keep else None
+    values = np.empty((n, k), np.int32) if keep else None
+    sec = {"lm": 0.0, "search": 0.0, "wait": 0.0, "merge": 0.0, "combine": 0.0}
+    versions: set = set()
+    ready: list[tuple[np.ndarray, np.ndarray]] = []          # (rows, queries) of forward batches not yet searched
+    overlap = getattr(encoder.device, "type", "cpu") == "cuda"
+    retriever, merge0, lock = None, 0.0, threading.Lock()
+
+    def search(r: np.ndarray, q: np.ndarray) -> None:
+        nonlocal retriever, merge0
+        import faiss
+        faiss.omp_set_num_threads(1)        # this thread's merges: one core (OpenMP's count is per thread); the
+        with lock:                          # servers' searches have the others
+            if retriever is None:                     # (the first search: the servers may be starting until then)
+                retriever = connect()
+                merge0 = retriever.timings["merge"]
+        ts = time.perf_counter()
+        res = retriever.search(q.astype(np.float32), k=k, nprobe=nprobe, rerank=rerank, ids=False)
+        tc = time.perf_counter()
+        versions.add(res.version)
+        knn[r] = knn_log_probs(res.dist, res.values, tgt[r], temperature, retriever.metric)
+        if keep:
+            dists[r], values[r] = res.dist, res.values
+        sec["search"] += tc - ts
+        sec["combine"] += time.perf_counter() - tc
+
+    with ThreadPoolExecutor(2, thread_name_prefix="knnlm-search") as pool:
+        pending = []
+
+        def flush(least: int) -> None:
+            """Send the ready queries, search_batch at a time, once at least `least` are ready."""
+            if not ready or sum(len(r) for r, _ in ready) < least:
+                return
+            rows = np.concatenate([r for r, _ in ready])
+            q = np.concatenate([x for _, x in ready])
+            ready.clear()
+            for a in range(0, len(rows), search_batch):
+                pending.append(pool.submit(search, rows[a:a + search_batch], q[a:a + search_batch]))
+
+        def on_batch(idx, keys, lps) -> None:
+            for i, q, lp in zip(idx, keys, lps):
+                rows = np.arange(off[i], off[i + 1])
+                lm[rows] = lp
+                ready.append((rows, q))
+            if overlap:
+                flush(search_batch)
+
+        t0 = time.perf_counter()
+        forward(jobs, encoder, batch_size, 0, logprobs=True, on_batch=on_batch)
+        t1 = time.perf_counter()
+        flush(1)
+        for f in pending:
+            f.result()                   # a search's error is raised here, as itself
+        sec["wait"] = time.perf_counter() - t1
+        sec["lm"] = t1 - t0
+    sec["merge"] = retriever.timings["merge"] - merge0 if retriever is not None else 0.0
+    return Scored(lm, knn, tgt, dists, values, versions, sec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +322,7 @@ class EvalResult:
     split: dict
     protocol: Protocol
     version: int | list = 1      # the datastore version whose servers answered (a list: several did)
+    profile: dict = field(default_factory=dict)   # where the time went: `evaluate`'s marks, the servers' search
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "base_ppl": self.base_ppl, "knnlm_ppl": self.knnlm_ppl,
@@ -245,7 +330,7 @@ class EvalResult:
                 "temperature": self.temperature, "k": self.k, "nprobe": self.nprobe, "rerank": self.rerank,
                 **self.protocol.to_json(),
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else None, "seconds": self.seconds,
-                "seconds_split": self.split, "version": self.version}
+                "seconds_split": self.split, "version": self.version, "profile": self.profile}
 
     def table(self) -> str:
         j = self.to_json()
@@ -300,8 +385,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     small evaluation. A failed check kills them before any work."""
     import ray
 
-
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
+    marks: dict[str, float] = {}
     st = Storage.from_uri(cfg.datastore)
     m = load_manifest(st)
     compute_dtype = query_dtype(cfg.compute_dtype, m)
@@ -314,34 +399,67 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     window, min_context = eval_windows(cfg, m)
     model = cfg.model or m.model.get("path") or m.model["name"]
     with ray_session(cfg.address):
+        marks["ray"] = time.perf_counter() - t0
         cpus, gpus = cluster_resources()
         use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
+        local = cfg.workers is None and not use_gpu        # the LM in this process: no worker to start
         workers = cfg.workers or (gpus if use_gpu else 1)
-        threads = cfg.threads or max(1, cpus // workers)
-        actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1, num_gpus=1 if use_gpu else 0,
-                                                   max_restarts=-1, max_task_retries=0)
-        pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri, threads)
-                for _ in range(workers)]
-        try:
-            info = check_model(model, m)
-            chunks, inputs, sequences = _plan(cfg, m, mode, info.path, window, min_context)
-            pool = pool[:len(chunks)]
-            with serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir):
-                results = _run_chunks(pool, chunks, k, cfg, lam, temperature)
-        finally:
-            for w in pool:
-                ray.kill(w)
+        threads = cfg.threads or (len(os.sched_getaffinity(0)) if local else max(1, cpus // workers))
+        pool: list = []
+        before: dict = {}
+        with ThreadPoolExecutor(3, thread_name_prefix="knnlm-eval-start") as ex, ExitStack() as stack:
+            # the LM loads (or the workers start), the model is checked and the text tokenized while embedded
+            # servers start; in this process the first forward runs meanwhile too (searches wait for them)
+            if local:
+                here = ex.submit(EvalWorkerImpl, model, m.key_layer, "cpu", compute_dtype, st.uri, threads)
+            else:
+                actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1,
+                                                           num_gpus=1 if use_gpu else 0, max_restarts=-1,
+                                                           max_task_retries=0)
+                pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri,
+                                     threads) for _ in range(workers)]
+            planned = ex.submit(_check_and_plan, cfg, m, model, mode, window, min_context, marks, t0)
+
+            def servers() -> None:
+                stack.enter_context(serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir))
+                marks["servers_up"] = time.perf_counter() - t0
+                before.update(server_stats(st.uri))
+            up = ex.submit(servers)
+            try:
+                chunks, inputs, sequences = planned.result()
+                if local:
+                    worker = here.result()
+                    worker.servers_up = up.result
+                    results = {c.id: worker.run(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                                cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
+                               for c in chunks}
+                else:
+                    up.result()
+                    results = _run_chunks(pool[:len(chunks)], chunks, k, cfg, lam, temperature)
+                marks["scored"] = time.perf_counter() - t0
+                after = server_stats(st.uri)
+            finally:
+                for w in pool:
+                    ray.kill(w)
+                wait([up])                       # started or failed: the stack then stops what it started
+    marks["done"] = time.perf_counter() - t0
     order = sorted(results)
     lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
     mix = np.concatenate([results[i]["knnlm"] for i in order])
-    split = {k: round(sum(results[i]["seconds"][k] for i in order), 3) for k in ("lm", "search", "combine")}
+    split = {k: round(sum(results[i]["seconds"][k] for i in order), 3)
+             for k in ("lm", "search", "wait", "merge", "combine")}
+    marks["first_chunk"] = min(results[i]["started"] for i in order) - wall0
+    profile = {"marks": {k: round(v, 3) for k, v in marks.items()},
+               "servers": {s: {"queries": after[s]["queries"] - before.get(s, {}).get("queries", 0),
+                               "seconds": round(after[s]["seconds"] - before.get(s, {}).get("seconds", 0.0), 3)}
+                           for s in after}}
     n = int(lm.size)
     protocol = Protocol(window, min_context, mode, n, sequences, distances_name(cfg.rerank), m.index["factory"],
                         cfg.nprobe, compute_dtype)
     versions = sorted({v for i in order for v in results[i].get("versions", [])})
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
                      cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol,
-                     versions[0] if len(versions) == 1 else versions or m.version)
+                     versions[0] if len(versions) == 1 else versions or m.version, profile)
     if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
         Storage.from_uri(cfg.save_neighbours).write_text(NEIGHBOUR_CACHE_META, json.dumps(
             {"metric": m.index["metric"], "k": k, "rerank": cfg.rerank, "datastore": st.uri,
@@ -349,6 +467,16 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
              "corpus": inputs, "chunks": len(chunks), **protocol.to_json()}))
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
+
+
+def _check_and_plan(cfg: EvalConfig, m, model: str, mode: str, window: int, min_context: int, marks: dict,
+                    t0: float) -> tuple[list[Chunk], list[str], int]:
+    """`check_model`, then `_plan` (marks: when each was done)."""
+    info = check_model(model, m)
+    marks["model_checked"] = time.perf_counter() - t0
+    out = _plan(cfg, m, mode, info.path, window, min_context)
+    marks["tokenized"] = time.perf_counter() - t0
+    return out
 
 
 def _plan(cfg: EvalConfig, m, mode: str, model_path: str, window: int, min_context: int
@@ -411,6 +539,25 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
                                                   EvalError),
              workers=len(pool), revive=revive, name="evaluation worker", what=lambda c: f"chunk {c.id}")
     return results
+
+
+def server_stats(uri: str, timeout: float = 10.0) -> dict[int, dict]:
+    """{shard: the searches, queries and seconds of its servers (all replicas, every version) so far}; a
+    server that does not answer is left out (the figures are a profile, not a result)."""
+    import ray
+    refs = {h.stats.remote(): s for shards in find_all(uri).values() for s, reps in shards.items()
+            for h in reps.values()}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+    out: dict[int, dict] = {}
+    for ref in ready:
+        try:
+            got = ray.get(ref)
+        except Exception:  # noqa: BLE001 - a restarting server: no figures
+            continue
+        o = out.setdefault(refs[ref], {"queries": 0, "seconds": 0.0})
+        o["queries"] += got["queries"]
+        o["seconds"] += got["seconds"]
+    return out
 
 
 def write_json(res: EvalResult, path: str) -> None:

@@ -7,6 +7,8 @@ the servers of every version.
 """
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 
 from builder.errors import KnnlmError
@@ -17,6 +19,8 @@ from builder.versions import load_version
 from retriever.controller import GRACE, WATCH, ensure_controller
 from retriever.fleet import RetrieverError, cause, controller, find_all, find_servers, kill, served_version
 from retriever.server import ServerError, datastore_key
+
+log = logging.getLogger(__name__)
 
 # the controllers this process started non-detached: Ray removes an actor, named or not, once no
 # handle to it is left (and with it the servers it started), so they are kept here until stop_servers
@@ -125,7 +129,11 @@ def serving(uri: str, address: str | None = None, rerank: bool = False, cache_di
             if address:
                 raise RetrieverError(f"no index servers of {uri} run on {address}: start them with "
                                      f"`knnlm serve {uri} --address {address}`" + (" --rerank" if rerank else ""))
-            start_servers(uri, rerank=rerank, cache_dir=cache_dir, detached=False, watch=0)
+            t0 = time.perf_counter()
+            started = start_servers(uri, rerank=rerank, cache_dir=cache_dir, detached=False, watch=0)
+            log.info("started %d index servers of %s for this command (%.1fs); `knnlm serve %s%s` keeps them "
+                     "running, and `--address auto` then reuses them", sum(len(r) for r in started.values()), uri,
+                     time.perf_counter() - t0, uri, " --rerank" if rerank else "")
         try:
             yield
         finally:

@@ -163,7 +163,10 @@ def test_one_forward_for_keys_and_logprobs(tiny_models, family):
         assert forward(jobs, enc, bs)[1] is None
         q, lm, tgt = score_windows(windows, enc, bs)
         oq, olm, otgt = old_score_windows(windows, enc, bs)
-        assert np.array_equal(q, oq) and np.array_equal(lm, olm) and np.array_equal(tgt, otgt)
+        assert np.array_equal(q, oq) and np.array_equal(tgt, otgt)
+        # the LM head runs on the scored positions only (logits_to_keep): a GEMM of fewer rows, which may
+        # round a logit differently in float32's last bit (the shared model: bit-identical on test.txt)
+        np.testing.assert_allclose(lm, olm, rtol=0, atol=2e-6)
         assert lm.dtype == np.float64 and np.array_equal(np.concatenate(lps), lm)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():

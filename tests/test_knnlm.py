@@ -214,13 +214,26 @@ def test_rerank_eval_does_not_depend_on_the_index_shards(ds, tmp_path):
     assert approx != pytest.approx(ppl[1], rel=1e-4)
 
 
-def test_one_and_two_workers_agree(ds, tmp_path):
+def test_in_process_one_and_two_workers_agree(ds, tmp_path, caplog):
+    """The default (no --workers, no GPU: the LM in the eval process), one and two worker actors: the
+    same numbers; the profile accounts for the run and every server saw every query."""
     _, out, evalf = ds
+    caplog.set_level("INFO", logger="retriever.servers")
     r = [evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=0.3, temperature=2.0, k=8, nprobe=4, workers=w,
-                             chunk_targets=10, cache_dir=str(tmp_path / "cache"))) for w in (1, 2)]
-    assert r[0].tokens == r[1].tokens
-    assert r[0].base_ppl == pytest.approx(r[1].base_ppl, rel=1e-9)
-    assert r[0].knnlm_ppl == pytest.approx(r[1].knnlm_ppl, rel=1e-9)
+                             chunk_targets=10, cache_dir=str(tmp_path / "cache"))) for w in (None, 1, 2)]
+    for x in r[1:]:
+        assert x.tokens == r[0].tokens
+        assert x.base_ppl == pytest.approx(r[0].base_ppl, rel=1e-9)
+        assert x.knnlm_ppl == pytest.approx(r[0].knnlm_ppl, rel=1e-9)
+    assert f"`knnlm serve {out}` keeps them running" in caplog.text       # the hint: servers can stay up
+    for x in r:
+        p = x.to_json()["profile"]
+        marks = p["marks"]
+        assert 0 <= marks["ray"] <= marks["scored"] <= marks["done"] <= x.seconds + 1e-3      # (rounded to ms)
+        assert marks["model_checked"] <= marks["tokenized"] <= marks["first_chunk"] <= marks["scored"]
+        assert marks["servers_up"] <= marks["scored"]
+        assert {int(s): v["queries"] for s, v in p["servers"].items()} == {0: x.tokens, 1: x.tokens}
+        assert set(x.split) == {"lm", "search", "wait", "merge", "combine"}
 
 
 def test_eval_errors(ds, tiny_models, tmp_path, capsys):
@@ -393,7 +406,7 @@ def test_a_dead_worker_has_its_chunk_redone_and_overlap_warns(ds, tmp_path, capl
     from builder.faults import FAULT_ENV
     root, out, evalf = ds
     cfg = dict(datastore=out, corpus=[evalf], lam=0.3, temperature=2.0, k=8, nprobe=4, chunk_targets=10,
-               cache_dir=str(tmp_path / "srv"))
+               cache_dir=str(tmp_path / "srv"), workers=1)           # a worker actor (the default runs in-process)
     clean = evaluate(EvalConfig(**cfg))
     fault = os.environ[FAULT_ENV]
     try:

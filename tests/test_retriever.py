@@ -24,6 +24,7 @@ from retriever import (
     start_servers,
     stop_servers,
 )
+from retriever import merge
 from retriever.merge import boundary_ties, exact_distances, shard_of, sort_topk
 
 DIM, N = 32, 12000
@@ -112,6 +113,52 @@ def test_merge_topk_ties_go_to_the_smaller_id():
     # one shard whose ties are out of id order (as a fast-scan index may return them): re-sorted
     d, i, _ = merge_topk([np.array([[3.0, 3.0]], np.float32)], [np.array([[9, 4]])], [v1], 2, "ip")
     assert i.tolist() == [[4, 9]]
+
+
+def _sorted_lists(rng, n, w, ranges, metric, ties):
+    """Per-shard (n, w) results in (distance, id) order as faiss gives them, ids from each shard's range,
+    distances drawn from `ties` values (many ties) and some rows short (missing results last)."""
+    out = []
+    for first, size in ranges:
+        d = rng.integers(0, ties, (n, w)).astype(np.float32)
+        i = np.stack([rng.choice(size, w, replace=False) for _ in range(n)]) + first
+        short = rng.random(n) < 0.2
+        cut = rng.integers(0, w, n)
+        miss = short[:, None] & (np.arange(w)[None, :] >= cut[:, None])
+        key = d if metric == "l2" else -d
+        key = np.where(miss, np.inf, key)
+        order = np.lexsort((i, key), axis=-1)
+        d, i, miss = (np.take_along_axis(x, order, 1) for x in (d, i, miss))
+        d[miss] = np.finfo(np.float32).max if metric == "l2" else -np.finfo(np.float32).max   # faiss's padding
+        i[miss] = -1
+        v = np.where(miss, -1, (i * 7) % 1000).astype(np.int32)
+        out.append((d, i, v))
+    return out
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_heap_merge_equals_the_full_sort(metric):
+    """The k-way heap merge (many ties, ties at the k-th place, short lists, lists wider than k as a
+    re-rank asks them) equals sorting the concatenation by (distance, id); without ids, it gives the
+    same distances and values when the shards hold increasing id ranges."""
+    rng = np.random.default_rng(11)
+    for S, w, k, ties in ((2, 64, 64, 5), (3, 80, 64, 40), (2, 64, 64, 10_000), (4, 32, 16, 3)):
+        ranges = [(s * 1000, 1000) for s in range(S)]
+        lists = _sorted_lists(rng, 300, w, ranges, metric, ties)
+        ds, is_, vs = (list(x) for x in zip(*lists))
+        want = sort_topk(np.concatenate([merge.normalize_missing(d, i, metric) for d, i in zip(ds, is_)], 1),
+                         np.concatenate(is_, 1), np.concatenate(vs, 1), k, metric)
+        got = merge_topk(ds, is_, vs, k, metric)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        d, i, v = merge_topk(ds, None, vs, k, metric)
+        assert i is None
+        np.testing.assert_array_equal(d, want[0])
+        np.testing.assert_array_equal(v, want[2])
+        # shards given out of id order: the ids still decide the ties
+        got = merge_topk(ds[::-1], is_[::-1], vs[::-1], k, metric)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_exact_distances_per_pair_whatever_the_batch():
@@ -206,6 +253,10 @@ def test_sharded_equals_monolithic(synth, tmp_path, factory, metric, shards, ray
             ok = got.ids >= 0
             np.testing.assert_array_equal(got.values[ok], values[got.ids[ok]])
             assert np.all(got.values[~ok] == -1)
+            bare = r.search(q, k=k, nprobe=nprobe, ids=False)           # scoring's search: no ids sent
+            assert bare.ids is None
+            np.testing.assert_array_equal(bare.dist, got.dist)
+            np.testing.assert_array_equal(bare.values, got.values)
         dist, ids, vals = r.search(q[:3], k=5, nprobe=2)                # unpacks as a tuple
         assert ids.shape == (3, 5)
     finally:

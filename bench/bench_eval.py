@@ -155,7 +155,7 @@ class Serve:
         return self
 
     def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signal.SIGTERM)     # (a background process ignores SIGINT)
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:

@@ -28,7 +28,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
             connect_ray(address)
         else:
             os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            # "local": a new instance even where a cluster's address is recorded on this machine (ray.init's
+            # default attaches to the latest one, a stale record included: it then hung on a dead cluster)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=True)
         started = True
     try:
         yield ray

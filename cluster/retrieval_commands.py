@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -65,6 +66,7 @@ def serve(a: ServeConfig) -> int:
         gcs = ray.get_runtime_context().gcs_address
         published = _publish_address(gcs)
         print("serving on an embedded Ray (reach it with --address auto); Ctrl-C stops", flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)    # `kill`, a service manager: stopped as by Ctrl-C
         try:
             while True:
                 time.sleep(3600)
@@ -74,6 +76,10 @@ def serve(a: ServeConfig) -> int:
             return 0
         finally:
             _unpublish_address(published, gcs)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _publish_address(gcs: str) -> str:

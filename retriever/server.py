@@ -355,25 +355,5 @@ class IndexServerImpl:
         """Searches, queries and seconds spent in them (faiss and the values' lookup) since the start."""
         return dict(self._core().stats)
 
-    def _search_ivf(self, q: np.ndarray, k: int, nprobe: int, params) -> tuple[np.ndarray, np.ndarray]:
-        """`index.search` of the queries taken in the order of their nearest inverted list: queries that
-        scan the same lists follow each other, so those lists' tables stay in cache (IVF-PQ reads a 64 KB
-        table per list and query: 8% faster on 4096 queries, bench/bench_eval.py). The same coarse
-        assignment and scan as `search` (its two halves, quantizer then `search_preassigned`), per query."""
-        import faiss
-        ivf = self.index
-        if self.device != "cpu" or not isinstance(ivf, faiss.IndexIVF) or is_fastscan(ivf) or len(q) < 2:
-            return ivf.search(q, k, params=params)
-        nprobe = min(nprobe, ivf.nlist)
-        cd, assign = ivf.quantizer.search(q, nprobe)                                # (n, nprobe) each
-        o = np.argsort(assign[:, 0], kind="stable")
-        qs, a, c = (np.ascontiguousarray(x[o]) for x in (q, assign, cd))
-        d, i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-        ivf.search_preassigned_c(len(q), faiss.swig_ptr(qs), k, faiss.swig_ptr(a), faiss.swig_ptr(c),
-                                 faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
-        out_d, out_i = np.empty_like(d), np.empty_like(i)
-        out_d[o], out_i[o] = d, i
-        return out_d, out_i
-
     def exact(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return self._core().exact(q, ids)

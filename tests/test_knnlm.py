@@ -236,6 +236,30 @@ def test_in_process_one_and_two_workers_agree(ds, tmp_path, caplog):
         assert set(x.split) == {"lm", "search", "wait", "merge", "combine"}
 
 
+def test_searches_overlapping_the_forward_give_the_same_numbers(ds, gpt2_model, tmp_path):
+    """`score_and_search` on a GPU sends each forward batch's queries while the next batch runs; on
+    CPUs after the forward. Both give the forward's log-probs exactly and the same neighbours (faiss
+    may round a distance differently in another batch: p_kNN to 1e-6)."""
+    from retriever.evaluate import score_and_search
+    from retriever.router import Retriever, serving
+    _, out, _ = ds
+    tok = AutoTokenizer.from_pretrained(gpt2_model)
+    seqs = [np.asarray(tok(t)["input_ids"]) for t in EVAL]
+    windows = [w for c in plan_chunks(seqs, W, C, 10**9) for w in c.windows]
+    enc = load_encoder(gpt2_model, "ffn_input", "cpu", "float32")
+    with serving(out, cache_dir=str(tmp_path / "cache")):
+        r = Retriever.connect(out)
+        got = [score_and_search(windows, enc, lambda: r, 8, 4, False, 2.0, 2, 5, keep=True, overlap=o)
+               for o in (False, True)]
+    a, b = got
+    assert np.array_equal(a.lm, b.lm) and np.array_equal(a.targets, b.targets)
+    np.testing.assert_allclose(a.knn, b.knn, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_allclose(a.dists, b.dists, rtol=1e-5)
+    q, lm, _ = score_windows(windows, enc, 2)
+    assert np.array_equal(a.lm, lm)                               # the same forward, the same batches
+
+
 def test_eval_errors(ds, tiny_models, tmp_path, capsys):
     from cluster.cli import main
     root, out, evalf = ds

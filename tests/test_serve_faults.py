@@ -150,7 +150,7 @@ def test_eval_survives_several_worker_kills_and_a_server_kill(ds, eval_corpus, t
 @pytest.mark.slow
 def test_embedded_serve_runs_until_ctrl_c_and_auto_reaches_it(flat2, tmp_path):
     """`knnlm serve DS --replicas 2 --cache-dir D` without --address: an embedded Ray that a separate
-    `ray.init(address="auto")` + `Retriever.connect(DS)` reaches; Ctrl-C stops it. (A private TMPDIR
+    `ray.init(address="auto")` + `Retriever.connect(DS)` reaches; SIGTERM stops it as Ctrl-C does. (A private TMPDIR
     keeps "auto" away from the other Rays on this machine.)"""
     uri = flat2
     tmp = tempfile.mkdtemp(prefix="sf-", dir="/tmp")                  # short: Ray's socket paths live under it
@@ -174,7 +174,7 @@ def test_embedded_serve_runs_until_ctrl_c_and_auto_reaches_it(flat2, tmp_path):
         c = subprocess.run([sys.executable, "-c", client, uri], env=env, capture_output=True, text=True, timeout=120,
                            check=False)
         assert "OK (3, 4) 4" in c.stdout, c.stdout + c.stderr
-        srv.send_signal(2)                                              # Ctrl-C
+        srv.send_signal(15)          # SIGTERM (a service manager): the path of Ctrl-C (KeyboardInterrupt)
         rest, _ = srv.communicate(timeout=60)
         assert srv.returncode == 0 and "stopped" in rest, "".join(lines) + rest
     finally:

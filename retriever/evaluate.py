@@ -205,13 +205,13 @@ class Scored:
 
 
 def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, rerank: bool, temperature: float,
-                     batch_size: int, search_batch: int, keep: bool = False) -> Scored:
+                     batch_size: int, search_batch: int, keep: bool = False, overlap: bool | None = None) -> Scored:
     """The LM forward of the windows (`score_windows`'s, the same batches) and the search of their
     queries, `search_batch` at a time, two router calls in flight (the servers search one batch while
     this process merges the last one and computes its p_kNN). Each target's numbers do not depend on
     how the queries are grouped.
 
-    On a GPU the searches start as each forward batch is done, overlapping the forward. On CPUs they
+    On a GPU (or `overlap`) the searches start as each forward batch is done, overlapping the forward. On CPUs they
     start after the forward: the LM and the servers then share the cores, and overlapping them measured
     slower (54 s against 44 s on the 2-core bench: each slowed the other by more than it gained).
 
@@ -228,7 +228,8 @@ def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, reran
     sec = {"lm": 0.0, "search": 0.0, "wait": 0.0, "merge": 0.0, "combine": 0.0}
     versions: set = set()
     ready: list[tuple[np.ndarray, np.ndarray]] = []          # (rows, queries) of forward batches not yet searched
-    overlap = getattr(encoder.device, "type", "cpu") == "cuda"
+    if overlap is None:
+        overlap = getattr(encoder.device, "type", "cpu") == "cuda"
     retriever, merge0, lock = None, 0.0, threading.Lock()
 
     def search(r: np.ndarray, q: np.ndarray) -> None:

@@ -85,8 +85,9 @@ def merge_topk(dists: list[np.ndarray], ids: list[np.ndarray] | None, values: li
     Lists of one width, each in (distance, id) order (as faiss returns them), are merged by faiss's
     k-way heap merge (C++, threaded), which takes ties in shard order: that is id order when the shards
     hold increasing id ranges (the index shards do); rows whose result is not then in (distance, id)
-    order, or where a candidate left out ties with the k-th, are redone by `sort_topk`. 20x faster
-    than sorting the concatenation: an evaluation merges n x 2k candidates per batch.
+    order, or where a candidate left out ties with the k-th, are redone by `sort_topk`. Without ids
+    (below) 4x faster than sorting the concatenation (0.14 s against 0.6 s for 8,192 queries x 2
+    shards x k = 1024); with ids about as fast (its tie checks).
 
     `ids=None`: lists without ids (a search that asked for distances and values only): each must be
     in (distance, id) order and the shards in increasing id ranges (the caller's promise); missing

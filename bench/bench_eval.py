@@ -11,15 +11,16 @@ The floor, timed in the same run: a plain Hugging Face forward over the same win
 new each, batch 8, all cores) that also captures the queries at the key layer and the targets'
 log-probs, plus a single-process faiss search of those queries on the same two index shard files (k
 1024, nprobe 32, all cores, one shard after the other). Rounds are interleaved (floor, `knnlm eval`
-with embedded servers, `knnlm eval --address auto` against a running `knnlm serve`), the medians of
+without --address ("embedded": the LM and the index shards in the eval process, no Ray), `knnlm eval
+--address auto` against a running `knnlm serve`, which hands it to its warm evaluator), the medians of
 --rounds (3) give
 
   warm_ratio       warm eval wall ÷ floor               (goal ≤ 1.05)
   embedded_excess  embedded eval wall − floor, seconds  (goal ≤ 6)
 
-The profile is the eval JSON's: evaluate()'s marks (Ray up, model checked, text tokenized, servers
-up, first chunk, scored), the LM forward, the router's calls (wait: after the forward; merge), the
-combine, and each index server's own search seconds. Then one embedded run each with the fast-scan
+The profile is the eval JSON's: evaluate()'s marks (Ray up where there is Ray, model checked, text
+tokenized, servers up or shards loaded, first chunk, scored), the LM forward, the router's calls (wait: after the forward; merge), the
+combine, and each index shard's own search seconds. Then one embedded run each with the fast-scan
 index (IVF4096,PQ64x4fs, trained on a copy of the datastore) and with `--rerank exact`, for the table.
 
     python bench/bench_eval.py --datastore /tmp/ds     # ~20 min on 2 cores (a build adds ~6)
@@ -219,8 +220,10 @@ def main(argv=None) -> int:
     print(f"floor (plain forward {statistics.median(r['floor']['lm_seconds'] for r in figures['rounds']):.1f}s + "
           f"faiss search {statistics.median(r['floor']['search_seconds'] for r in figures['rounds']):.1f}s): "
           f"{med['floor']:.1f}s")
-    print(f"warm servers:     {med['warm']:.1f}s  = {figures['warm_ratio']:.3f} x floor (goal <= 1.05)")
-    print(f"embedded servers: {med['embedded']:.1f}s  = floor + {figures['embedded_excess_seconds']:.1f}s (goal <= 6)")
+    print(f"warm (knnlm serve running, --address auto): {med['warm']:.1f}s  = {figures['warm_ratio']:.3f} x floor "
+          "(goal <= 1.05)")
+    print(f"embedded (no --address): {med['embedded']:.1f}s  = floor + {figures['embedded_excess_seconds']:.1f}s "
+          "(goal <= 6)")
     for name in ("embedded", "warm"):
         p = last[name]["profile"]["marks"]
         s = last[name]["seconds_split"]

@@ -13,7 +13,6 @@ Trainers and encoders (`auto` picks the first that applies):
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -24,7 +23,17 @@ from typing import Iterable
 import numpy as np
 
 from builder.config import METRICS, TRAINERS, ConfigError
-from builder.errors import KnnlmError
+from builder.index_files import (  # noqa: F401 - names of this module's API too
+    _PQ,
+    IndexFileError,
+    faiss_gpus,
+    fastscan_factory,
+    file_sha256,
+    index_from_bytes,
+    index_to_bytes,
+    is_fastscan,
+    read_index_file,
+)
 from builder.torch_encoder import TorchEncoder
 from builder.torch_train import train_index_torch
 
@@ -54,7 +63,6 @@ class FactoryInfo:
 
 
 _IVF = re.compile(r"^IVF(\d+)(_.*)?$")
-_PQ = re.compile(r"^PQ(\d+)(?:x(\d+))?(np|fs|fsr)?$")
 _OPQ = re.compile(r"^OPQ(\d+)(?:_(\d+))?$")
 _PCA = re.compile(r"^PCAW?R?(\d+)$")
 
@@ -105,18 +113,6 @@ def check_factory(factory: str, dim: int, metric: str) -> FactoryInfo:
     return FactoryInfo(factory, nlist, pq_m, pq_nbits, int(ivf.code_size), fastscan)
 
 
-def fastscan_factory(factory: str) -> bool:
-    """Whether a factory string asks for a fast-scan PQ ("PQ64x4fs", "PQ32x4fsr")."""
-    return any((mo := _PQ.match(p.strip())) is not None and (mo.group(3) or "").startswith("fs")
-               for p in factory.split(","))
-
-
-def is_fastscan(index) -> bool:
-    """Whether the IVF layer of `index` is a fast-scan one (IndexIVFFastScan: blocked 4-bit codes)."""
-    import faiss
-    return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan)
-
-
 def check_train_size(info: FactoryInfo, n_train: int, num_keys: int,
                      min_points_per_centroid: int = MIN_POINTS_PER_CENTROID) -> None:
     """Refuse a sample too small for the k-means: say how many keys are needed and suggest an
@@ -148,11 +144,6 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
-
-
-def faiss_gpus() -> int:
-    import faiss
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def resolve_backend(choice: str, device: str, flag: str, fastscan: bool = False) -> tuple[str, str]:
@@ -299,46 +290,6 @@ def add_batches(trained, batches: Iterable[tuple[np.ndarray, np.ndarray]], backe
 
 # ---------------------------------------------------------------------------------------------
 # files
-
-
-def index_to_bytes(index) -> bytes:
-    import faiss
-    return faiss.serialize_index(index).tobytes()
-
-
-class IndexFileError(KnnlmError, ValueError):
-    """A file that faiss cannot read as an index (corrupted, replaced, another format). Index files are
-    only ever parsed by faiss (never unpickled), after their manifest checksum was checked."""
-
-
-def _unreadable(name: str, e: Exception) -> IndexFileError:
-    msg = (str(e).split("Error:", 1)[-1].strip().splitlines() or [""])[0][:200]
-    return IndexFileError(f"{name}: not a readable FAISS index ({msg}); run `knnlm verify` on its datastore")
-
-
-def index_from_bytes(data: bytes, name: str = "index"):
-    import faiss
-    try:
-        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:
-        raise _unreadable(name, e) from None
-
-
-def read_index_file(path: str, flags: int = 0, name: str | None = None):
-    """faiss.read_index, its failure an IndexFileError naming `name` (the stored file) or `path`."""
-    import faiss
-    try:
-        return faiss.read_index(path, flags)
-    except RuntimeError as e:
-        raise _unreadable(name or path, e) from None
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def ivf_contents(index) -> dict[int, tuple[np.ndarray, np.ndarray]]:

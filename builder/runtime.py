@@ -16,10 +16,10 @@ class ClusterError(KnnlmError, RuntimeError):
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
+def ray_session(address: str | None = None, num_cpus: int | None = None, system_config: dict | None = None):
     """Yield with Ray initialised. Reuses an already-initialised Ray (tests, notebooks);
-    otherwise starts an embedded local Ray (address None) or attaches to `address`, and
-    shuts down what it started."""
+    otherwise starts an embedded local Ray (address None; with Ray's `system_config`) or attaches to
+    `address`, and shuts down what it started."""
     import ray
 
     started = False
@@ -31,7 +31,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
             # "local": a new instance even where a cluster's address is recorded on this machine (ray.init's
             # default attaches to the latest one, a stale record included: it then hung on a dead cluster)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=True)
+                     log_to_driver=True, _system_config=system_config)
         started = True
     try:
         yield ray

@@ -149,7 +149,7 @@ COMMANDS = {
         "and dist +inf (l2) or -inf (ip). Uses the running servers with --address, else starts embedded ones for "
         "the call."),
     "eval": Command(
-        EvalConfig, (RETRIEVAL, "eval_"),
+        EvalConfig, ("cluster.eval_command", "eval_"),
         "base LM and kNN-LM perplexity of evaluation text",
         "Score every token of the evaluation text that would get a key (the datastore's tokenizer, windows, key "
         "layer and mode) with the base LM and with the kNN-LM: p = lambda * p_kNN + (1 - lambda) * p_LM, p_kNN(y) "

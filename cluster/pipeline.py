@@ -42,6 +42,7 @@ from cluster.pipeline_spec import Pipeline, as_keys
 from retriever.config import EvalConfig, TuneConfig
 from retriever.evaluate import evaluate, write_json
 from retriever.router import start_servers
+from retriever.warm import start_evaluator
 from retriever.tune import tune_caches
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,12 @@ def _stage(p: Pipeline, stage: str, cfgs: dict):
     if stage == "eval":
         return _eval(p, cfgs["eval"])
     if stage == "serve":
+        if p.serve.evaluator:            # first: its model loads while the servers start
+            start_evaluator(Storage.from_uri(p.datastore).uri, detached=True)
         servers = start_servers(p.datastore, replicas=p.serve.replicas, rerank=p.serve.rerank, device=p.serve.device,
                                 detached=True, watch=p.serve.watch, grace=p.serve.grace)
-        return f"{sum(len(r) for r in servers.values())} index servers running on {p.address}"
+        return (f"{sum(len(r) for r in servers.values())} index servers running on {p.address}"
+                + (" with a warm evaluator" if p.serve.evaluator else ""))
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -1,6 +1,6 @@
-"""The handlers of the retrieval commands: `knnlm serve`, `query`, `eval`, `tune`, `generate` and
-`neighbours`. Each takes its command's config (retriever/config.py) and prints what it found;
-cluster/cli.py loads this module when one of them runs."""
+"""The handlers of the retrieval commands: `knnlm serve`, `query`, `tune`, `generate` and `neighbours`
+(`eval`'s is cluster/eval_command.py, which stays clear of torch). Each takes its command's config
+(retriever/config.py) and prints what it found; cluster/cli.py loads this module when one of them runs."""
 from __future__ import annotations
 
 import json
@@ -14,13 +14,14 @@ from builder.config import ConfigError
 from builder.manifest import load_manifest
 from builder.runtime import connect_ray, ray_session
 from builder.storage import Storage
-from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
-from retriever.evaluate import evaluate, knnlm_settings, write_json
+from retriever.config import GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
+from retriever.evaluate import knnlm_settings
 from retriever.generate import generate as generate_text
 from retriever.provenance import neighbours as find_neighbours
 from retriever.router import Retriever, controller_status, server_status, serving, start_servers, stop_servers
 from retriever.server import RequestError, check_request
 from retriever.tune import tune_caches
+from retriever.warm import evaluator_info, start_evaluator
 
 
 def _print_status(rows: list[dict], ctl: dict | None = None) -> int:
@@ -54,11 +55,22 @@ def serve(a: ServeConfig) -> int:
         if a.stop:
             print(f"stopped {stop_servers(a.datastore)} index servers of {a.datastore}")
             return 0
-        return 2 if _print_status(server_status(a.datastore), controller_status(a.datastore)) else 0
-    with ray_session(a.address) as ray:
+        bad = _print_status(server_status(a.datastore), controller_status(a.datastore))
+        info = evaluator_info(a.datastore)
+        if info is not None:
+            _print_evaluator(info)
+        return 2 if bad else 0
+    # an embedded Ray's workers are this service's compute (servers, evaluator): at the priority of a plain
+    # `knnlm eval` process, not Ray's default niceness 15 (a forward measured 20% slower at 15 on the bench VM)
+    with ray_session(a.address, system_config={"worker_niceness": 0}) as ray:
+        # the evaluator first: its imports and model load overlap the servers' start
+        evaluator = start_evaluator(Storage.from_uri(a.datastore).uri, a.address is not None, a.cache_dir) \
+            if a.evaluator else None
         start_servers(a.datastore, replicas=a.replicas, rerank=a.rerank, device=a.device, cache_dir=a.cache_dir,
                       threads=a.threads, detached=a.address is not None, watch=a.watch, grace=a.grace)
         _print_status(server_status(a.datastore), controller_status(a.datastore))
+        if evaluator is not None:
+            _print_evaluator(ray.get(evaluator.ready.remote()))    # ready: its model loaded
         if a.address is not None:
             print(f"the servers run on the cluster; `knnlm serve {a.datastore} --address {a.address} --stop` "
                   "removes them")
@@ -76,6 +88,15 @@ def serve(a: ServeConfig) -> int:
             return 0
         finally:
             _unpublish_address(published, gcs)
+
+
+def _print_evaluator(info: dict) -> None:
+    """The warm evaluator's line (`knnlm serve`, `--status`): its model loaded, or why not."""
+    state = (f"model loaded in {info['loaded_seconds']}s, {info['calls']} evaluations so far"
+             if info.get("loaded_seconds") is not None else
+             f"could not preload the model: {info['error']}" if info.get("error") else "loading its model")
+    nice = f", nice {info['nice']}" if info.get("nice") else ""       # (Ray's workers on a cluster: 15 by default)
+    print(f"warm evaluator: pid {info['pid']}{nice}, {state}; `knnlm eval --address` runs on it", flush=True)
 
 
 def _interrupt(*_) -> None:
@@ -134,14 +155,6 @@ def query(a: QueryConfig) -> int:
              missing_shards=np.array(missing, np.int64))
     print(f"{len(q):,} queries, k={a.k}, nprobe={a.nprobe}: wrote {a.out}" +
           (f" (PARTIAL: shards {missing} did not answer)" if missing else ""))
-    return 0
-
-
-def eval_(cfg: EvalConfig) -> int:
-    res = evaluate(cfg)
-    print(res.table())
-    if cfg.out:
-        write_json(res, cfg.out)
     return 0
 
 

@@ -13,6 +13,7 @@ import importlib
 
 EXPORTS = {"merge_topk": "retriever.merge",
            "Retriever": "retriever.router", "RetrieverError": "retriever.router", "SearchResult": "retriever.router",
+           "LocalRetriever": "retriever.local",
            "find_servers": "retriever.router", "server_status": "retriever.router", "controller_status": "retriever.router",
            "start_servers": "retriever.router", "stop_servers": "retriever.router",
            "RequestError": "retriever.server", "ServerError": "retriever.server", "ShardServer": "retriever.server"}

@@ -129,6 +129,10 @@ class ServeConfig:
     grace: float = opt(122.0, help="seconds the previous version's servers keep serving after a switch (clients "
                                    "still on them move to the new version)",
                        default_text="122: twice the clients' 1 s refresh plus their 120 s deadline")
+    evaluator: bool = opt(True, flag="--no-evaluator",
+                          help="no warm evaluator: by default one process beside the servers keeps torch, "
+                               "transformers and the datastore's LM loaded, and `knnlm eval --address` hands it "
+                               "its evaluation (no start-up per call)")
     status: bool = opt(False, group="action", file=False, help="report every shard and replica's health and exit")
     stop: bool = opt(False, group="action", file=False,
                      help="remove this datastore's servers from the cluster and exit")

@@ -20,6 +20,7 @@ and its chunk redone by the next free worker.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,7 +40,8 @@ from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
 from retriever.config import EvalConfig
 from retriever.knnlm import perplexity
-from retriever.router import RetrieverError, find_all, serving
+from retriever.local import LocalRetriever
+from retriever.router import Retriever, RetrieverError, find_all, serving
 from retriever.scoring import (  # noqa: F401 - the cores, names of this module's API too
     Chunk,
     EvalError,
@@ -153,14 +155,15 @@ def check_model(model: str | None, m) -> "object":
     return info
 
 
-def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Run the evaluation (see the module docstring).
+def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalResult:
+    """Run the evaluation (see the module docstring). `make_worker` makes the in-process LM; `shards`
+    gives the index shards loaded in this process, kept by the caller (the warm evaluator keeps both
+    across calls: retriever/warm.py).
 
-    The workers are started first: their start (importing torch and transformers, loading the LM)
-    overlaps the driver's model check and tokenization, a fixed cost that otherwise dominates a
-    small evaluation. A failed check kills them before any work."""
-    import ray
-
+    Start-up overlaps itself: the model's check and the tokenization run while Ray starts, the LM
+    loads (in this process, or the workers start) while the servers start, and the first forward runs
+    before they are up. Those fixed costs otherwise dominate a small evaluation. A failed check kills
+    the workers before any work."""
     t0, wall0 = time.perf_counter(), time.time()
     marks: dict[str, float] = {}
     st = Storage.from_uri(cfg.datastore)
@@ -174,50 +177,68 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     lam, temperature, k = knnlm_settings(m, cfg.lam, cfg.temperature, cfg.k)
     window, min_context = eval_windows(cfg, m)
     model = cfg.model or m.model.get("path") or m.model["name"]
-    with ray_session(cfg.address):
-        marks["ray"] = time.perf_counter() - t0
-        cpus, gpus = cluster_resources()
-        use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
-        local = cfg.workers is None and not use_gpu        # the LM in this process: no worker to start
+    threads_here = cfg.threads or len(os.sched_getaffinity(0))
+    # no cluster to use (no --address, --workers or GPU): no Ray either, the index shards are searched here
+    in_process = shards is not None or (cfg.address is None and cfg.workers is None and cfg.device != "cuda"
+                                        and not _cuda_here())
+    load = shards or (lambda: _load_shards(st.uri, cfg))
+    pool: list = []
+    before: dict = {}
+    with ThreadPoolExecutor(3, thread_name_prefix="knnlm-eval-start") as ex, ExitStack() as stack:
+        # the model's check and the tokenization need no Ray: they run while it starts (4 s when embedded),
+        # and so does the in-process LM's load when there is no cluster to ask
+        planned = ex.submit(_check_and_plan, cfg, m, model, mode, window, min_context, marks, t0)
+        here = ex.submit(make_worker, model, m.key_layer, "cpu", compute_dtype, st.uri, threads_here) \
+            if in_process else None
+        if in_process:
+            local, use_gpu = True, False
+        else:
+            import ray
+            stack.enter_context(ray_session(cfg.address))
+            marks["ray"] = time.perf_counter() - t0
+            cpus, gpus = cluster_resources()
+            use_gpu = cfg.device in ("auto", "cuda") and gpus > 0
+            local = cfg.workers is None and not use_gpu        # the LM in this process: no worker to start
         workers = cfg.workers or (gpus if use_gpu else 1)
-        threads = cfg.threads or (len(os.sched_getaffinity(0)) if local else max(1, cpus // workers))
-        pool: list = []
-        before: dict = {}
-        with ThreadPoolExecutor(3, thread_name_prefix="knnlm-eval-start") as ex, ExitStack() as stack:
-            # the LM loads (or the workers start), the model is checked and the text tokenized while embedded
-            # servers start; in this process the first forward runs meanwhile too (searches wait for them)
-            if local:
-                here = ex.submit(EvalWorkerImpl, model, m.key_layer, "cpu", compute_dtype, st.uri, threads)
-            else:
-                actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1,
-                                                           num_gpus=1 if use_gpu else 0, max_restarts=-1,
-                                                           max_task_retries=0)
-                pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri,
-                                     threads) for _ in range(workers)]
-            planned = ex.submit(_check_and_plan, cfg, m, model, mode, window, min_context, marks, t0)
+        threads = threads_here if local else cfg.threads or max(1, cpus // workers)
+        # the LM loads (or the workers start) while the servers start (or the shards load); in this process
+        # the first forward runs meanwhile too (searches wait for them)
+        if local and here is None:
+            here = ex.submit(make_worker, model, m.key_layer, "cpu", compute_dtype, st.uri, threads)
+        elif not local:
+            actor = ray.remote(EvalWorkerImpl).options(num_cpus=0 if not use_gpu else 1,
+                                                       num_gpus=1 if use_gpu else 0, max_restarts=-1,
+                                                       max_task_retries=0)
+            pool = [actor.remote(model, m.key_layer, "cuda" if use_gpu else "cpu", compute_dtype, st.uri,
+                                 threads) for _ in range(workers)]
 
-            def servers() -> None:
+        def servers():
+            got = load() if in_process else \
                 stack.enter_context(serving(st.uri, cfg.address, cfg.rerank, cfg.cache_dir))
-                marks["servers_up"] = time.perf_counter() - t0
-                before.update(server_stats(st.uri))
-            up = ex.submit(servers)
-            try:
-                chunks, inputs, sequences = planned.result()
-                if local:
-                    worker = here.result()
-                    worker.servers_up = up.result
-                    results = {c.id: worker.run(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                                cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
-                               for c in chunks}
-                else:
-                    up.result()
-                    results = _run_chunks(pool[:len(chunks)], chunks, k, cfg, lam, temperature)
-                marks["scored"] = time.perf_counter() - t0
-                after = server_stats(st.uri)
-            finally:
-                for w in pool:
-                    ray.kill(w)
-                wait([up])                       # started or failed: the stack then stops what it started
+            marks["servers_up"] = time.perf_counter() - t0
+            before.update(got.stats() if in_process else server_stats(st.uri))
+            return got
+        up = ex.submit(servers)
+        try:
+            chunks, inputs, sequences = planned.result()
+            if local:
+                worker = here.result()
+                worker.connect = up.result if in_process else lambda: _connect_when(up, st.uri)
+                worker._retriever = None
+                results = {c.id: worker.run(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
+                                            cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
+                           for c in chunks}
+            else:
+                up.result()
+                results = _run_chunks(pool[:len(chunks)], chunks, k, cfg, lam, temperature)
+            marks["scored"] = time.perf_counter() - t0
+            after = up.result().stats() if in_process else server_stats(st.uri)
+        finally:
+            for w in pool:
+                ray.kill(w)
+            wait([up])                           # started or failed: the stack then stops what it started
+            if in_process and shards is None and not up.exception():
+                up.result().close()
     marks["done"] = time.perf_counter() - t0
     order = sorted(results)
     lm = np.concatenate([results[i]["lm"] for i in order])          # in corpus order: exact, worker-independent
@@ -245,24 +266,48 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     return res
 
 
+def _load_shards(uri: str, cfg: EvalConfig):
+    """The index shards of `uri` loaded in this process, with the hint `serving` gives for embedded servers."""
+    r = LocalRetriever.open(uri, cfg.rerank, cfg.cache_dir)
+    log.info("loaded %d index shards of %s in this process (%.1fs); `knnlm serve %s%s` keeps them running, and "
+             "`--address auto` then reuses them and a warm LM", r.num_shards, uri, r.load_seconds, uri,
+             " --rerank" if cfg.rerank else "")
+    return r
+
+
+def _connect_when(up, uri: str):
+    """The Retriever of `uri` once `up` (the embedded servers' start) is done."""
+    up.result()
+    return Retriever.connect(uri)
+
+
+def _cuda_here() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _check_and_plan(cfg: EvalConfig, m, model: str, mode: str, window: int, min_context: int, marks: dict,
                     t0: float) -> tuple[list[Chunk], list[str], int]:
     """`check_model`, then `_plan` (marks: when each was done)."""
     info = check_model(model, m)
     marks["model_checked"] = time.perf_counter() - t0
-    out = _plan(cfg, m, mode, info.path, window, min_context)
+    out = _plan(cfg, m, mode, _tokenizer(info.path, info.tokenizer_sha256), window, min_context)
     marks["tokenized"] = time.perf_counter() - t0
     return out
 
 
-def _plan(cfg: EvalConfig, m, mode: str, model_path: str, window: int, min_context: int
-          ) -> tuple[list[Chunk], list[str], int]:
-    """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text.
-    (chunks, inputs, sequences scored: each one's first token is not)."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_path: str, sha256: str):
+    """The model's tokenizer, kept per (folder, hash of its files): the warm evaluator loads it once."""
     from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.model_max_length = 1 << 60
+    return tok
+
+
+def _plan(cfg: EvalConfig, m, mode: str, tok, window: int, min_context: int) -> tuple[list[Chunk], list[str], int]:
+    """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text.
+    (chunks, inputs, sequences scored: each one's first token is not)."""
     try:
         inputs = expand_inputs(cfg.corpus)
     except (FileNotFoundError, ValueError) as e:

@@ -5,7 +5,8 @@ Servers are named Ray actors in the namespace "knnlm", one per version, index sh
 datastore's URI; each serves exactly one version (its manifest versions/<v>.json, its removed ids),
 and a crashed one that Ray restarts reloads the same version. The datastore's serve controller
 (retriever/controller.py) is `knnlm-<key>-controller`: it starts the sets and says which version is
-served; anything on the same cluster finds both by name.
+served; anything on the same cluster finds both by name. Its warm evaluator (retriever/evaluator.py)
+is `knnlm-<key>-evaluator`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import re
 import time
 
 from builder.errors import KnnlmError
-from builder.index import faiss_gpus, fastscan_factory
+from builder.index_files import faiss_gpus, fastscan_factory
 from builder.manifest import require_index_shards
 from builder.runtime import cluster_resources, max_node_cpus
 from builder.storage import Storage
@@ -38,6 +39,11 @@ def actor_name(key: str, version: int, shard: int, replica: int) -> str:
 
 def controller_name(key: str) -> str:
     return f"knnlm-{key}-controller"
+
+
+def evaluator_name(uri: str) -> str:
+    """The warm evaluator's actor name (retriever/evaluator.py)."""
+    return f"knnlm-{datastore_key(uri)}-evaluator"
 
 
 def parse_name(name: str) -> tuple[str, int, int, int] | None:
@@ -73,6 +79,25 @@ def controller(uri: str):
     import ray
     try:
         return ray.get_actor(controller_name(datastore_key(uri)), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def ask(h, method: str, timeout: float, what: str, **unknown) -> dict:
+    """`h.<method>()`'s answer within `timeout` seconds, else the `unknown` fields with an "error" saying
+    that `what` does not answer (a status to report, not raised)."""
+    import ray
+    try:
+        return ray.get(getattr(h, method).remote(), timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return {**unknown, "error": f"{what} does not answer: {type(cause(e)).__name__}"}
+
+
+def evaluator(uri: str):
+    """The warm evaluator of `uri` on the connected cluster, or None."""
+    import ray
+    try:
+        return ray.get_actor(evaluator_name(uri), namespace=NAMESPACE)
     except ValueError:
         return None
 

@@ -230,11 +230,8 @@ class Retriever:
         returns its approximate top-(k + margin), the router keeps the best k by (approximate
         distance, id), asks the shards owning those k candidates for their exact distances (one
         `exact` call per shard), and sorts them by (exact distance, id)."""
-        import ray
         q = check_request(queries, self.dim, k, nprobe, self.max_k)
-        # one copy in the object store, read zero-copy by every server on a node; a small batch
-        # goes inline with the calls (a put costs more than it saves)
-        q_ref = ray.put(q) if q.nbytes > INLINE_BYTES else q
+        q_ref = self._put(q)
         kk = min(k + rerank_margin(k), self.max_k or CPU_MAX_K) if rerank else k
         # without ids, ties are merged in shard order: that is id order when the shards' ranges increase
         ids = ids or rerank or not view.ranges or any(a[0] >= b[0] for a, b in zip(view.ranges, view.ranges[1:]))
@@ -266,10 +263,9 @@ class Retriever:
         """Exact distances of the (n, k) candidates ids from the shards that own them, the rows re-sorted
         by (exact distance, id); candidates of a shard that did not answer are dropped (its failure
         returned, for the caller to report like a missing shard)."""
-        import ray
         owner = shard_of(ids, view.ranges)                                 # (n, k) shard index, -1 missing
         shards = sorted(int(s) for s in np.unique(owner) if s >= 0)
-        ids_ref = ids if ids.nbytes <= INLINE_BYTES else ray.put(ids)
+        ids_ref = self._put(ids)
         results, failed = self._fan_out(view, "exact", (q_ref, ids_ref), shards)
         exact = np.full(ids.shape, worst(self.metric), np.float32)
         for s, e in results.items():
@@ -277,6 +273,12 @@ class Retriever:
             exact[mine] = e[mine]
         d, i, v = sort_topk(exact, np.where(np.isfinite(exact), ids, -1), values, ids.shape[1], self.metric)
         return d, i, v, failed
+
+    def _put(self, x: np.ndarray):
+        """x as the servers' calls take it: in the object store (one copy per node, read zero-copy by every
+        server there), or inline when small (a put costs more than it saves)."""
+        import ray
+        return ray.put(x) if x.nbytes > INLINE_BYTES else x
 
     def _result(self, div, k: int, missing: list[int], failed: dict[int, str]) -> SearchResult:
         for s in missing:

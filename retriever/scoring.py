@@ -121,6 +121,7 @@ class EvalWorkerImpl:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         # a refused dtype is kept and raised by `run`: an actor whose constructor raises dies with a Ray
@@ -131,15 +132,15 @@ class EvalWorkerImpl:
         except EvalError as e:
             self.error = e
         self.datastore, self._retriever = datastore, None
-        self.servers_up = None       # in-process: waits until the embedded servers answer (see `evaluate`)
+        # the retriever's maker; `evaluate` gives the in-process LM its own: one that waits until the embedded
+        # servers answer, or the shards loaded in this process (retriever/local.py)
+        self.connect = lambda: Retriever.connect(self.datastore)
 
     @property
     def retriever(self):
         """Connected on first use: the worker starts before the servers are up (see `evaluate`)."""
         if self._retriever is None:
-            if self.servers_up is not None:
-                self.servers_up()
-            self._retriever = Retriever.connect(self.datastore)
+            self._retriever = self.connect()
         return self._retriever
 
     def ping(self) -> bool:
@@ -150,6 +151,12 @@ class EvalWorkerImpl:
         if self.error is not None:
             raise self.error
         maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it, the chunk runs again
+        if self.threads:
+            # again in the calling thread: OpenMP's thread count is per thread, and a threaded actor (the warm
+            # evaluator) calls from another thread than the one that made this worker, one whose count is Ray's
+            # OMP_NUM_THREADS=1 (its forward measured 15% slower)
+            import torch
+            torch.set_num_threads(self.threads)
         started = time.time()
         out = score_and_search(windows, self.encoder, lambda: self.retriever, k, nprobe, rerank, temperature, batch_size,
                                search_batch, keep=bool(save_uri))

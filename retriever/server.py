@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from builder.errors import KnnlmError
-from builder.index import IndexFileError, faiss_gpus, file_sha256, is_fastscan, read_index_file
+from builder.index_files import IndexFileError, faiss_gpus, file_sha256, is_fastscan, read_index_file
 from builder.manifest import require_index_shards
 from builder.versions import clip_ranges, is_removed, load_version, removed_ranges
 from builder.rows import iter_range
@@ -204,15 +204,17 @@ class ShardServer:
                 "ray_version": ray.__version__, "pid": os.getpid(), "load_seconds": round(self.load_seconds, 2),
                 "max_k": self.max_k}
 
-    def search(self, q: np.ndarray, k: int, nprobe: int, ids: bool = True
+    def search(self, q: np.ndarray, k: int, nprobe: int, ids: bool = True, coarse=None
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """(dist (n, k) float32, global ids (n, k) int64, values (n, k) int32), best first (approximate
         distances, as the index computes them), each row in (distance, id) order. `ids=False`: the ids
         stay here (None): a caller that scores needs only distances and values, and each id is 8 of the
-        16 bytes a neighbour costs to send and merge."""
+        16 bytes a neighbour costs to send and merge. `coarse`: the queries' (distances, lists) from
+        `coarse` (in-process callers compute it once for all the shards of a datastore: their quantizer is
+        the trained index's, one for all; only where `sorts_queries`)."""
         with self._lock:     # one search at a time: concurrent calls queue here, not as more threads on the cores
             t0 = time.perf_counter()
-            d, i, v = self._search(q, k, nprobe)
+            d, i, v = self._search(q, k, nprobe, coarse)
             if not ids:
                 bad = ~row_sorted(d, i, self.metric)
                 if bad.any():                        # (faiss returns them sorted; the merge relies on it)
@@ -223,7 +225,21 @@ class ShardServer:
             self.stats["seconds"] += time.perf_counter() - t0
         return d, i, v
 
-    def _search(self, q: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sorts_queries(self) -> bool:
+        """Whether a search takes its queries by nearest inverted list (`_search_ivf`), and so takes `coarse`."""
+        import faiss
+        return (self.device == "cpu" and self.threads == 1 and isinstance(self.index, faiss.IndexIVF)
+                and not is_fastscan(self.index) and self.num_removed < self.num_ids)
+
+    def coarse(self, q: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The quantizer's (distances, lists) (n, nprobe) of the queries, with this server's threads (so that
+        a search given them returns exactly what it would compute itself)."""
+        import faiss
+        faiss.omp_set_num_threads(self.threads)
+        return self.index.quantizer.search(check_request(q, self.dim, 1, nprobe, self.max_k),
+                                           min(int(nprobe), self.index.nlist))
+
+    def _search(self, q: np.ndarray, k: int, nprobe: int, coarse=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import faiss
         q = check_request(q, self.dim, k, nprobe, self.max_k)
         faiss.omp_set_num_threads(self.threads)
@@ -237,7 +253,7 @@ class ShardServer:
             d, ids = drop_removed(d, ids, self.removed, int(k), self.metric)
         else:
             params = faiss.SearchParametersIVF(nprobe=int(nprobe), sel=self._selector)
-            d, ids = self._search_ivf(q, int(k), int(nprobe), params)       # (n, k) float32, int64 global ids
+            d, ids = self._search_ivf(q, int(k), int(nprobe), params, coarse)   # (n, k) float32, int64 global ids
         d = normalize_missing(d, ids, self.metric)
         local = ids - self.first_id
         ok = ids >= 0
@@ -245,17 +261,20 @@ class ShardServer:
         values[ok] = self.values[local[ok]]
         return d, ids, values
 
-    def _search_ivf(self, q: np.ndarray, k: int, nprobe: int, params) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ivf(self, q: np.ndarray, k: int, nprobe: int, params, coarse=None) -> tuple[np.ndarray, np.ndarray]:
         """`index.search` of the queries taken in the order of their nearest inverted list: queries that
         scan the same lists follow each other, so those lists' tables stay in cache (IVF-PQ reads a 64 KB
-        table per list and query: 8% faster on 4096 queries, bench/bench_eval.py). The same coarse
-        assignment and scan as `search` (its two halves, quantizer then `search_preassigned`), per query."""
+        table per list and query: 8-12% faster on 4096 queries, bench/bench_eval.py). The same coarse
+        assignment and scan as `search` (its two halves, quantizer then `search_preassigned`), per query.
+        One thread only: faiss's `search_preassigned` does not split queries over threads itself (`search`
+        does), so with more threads this would run on one core (1.7x slower on 2): `search` then."""
         import faiss
         ivf = self.index
-        if self.device != "cpu" or not isinstance(ivf, faiss.IndexIVF) or is_fastscan(ivf) or len(q) < 2:
+        if (self.device != "cpu" or self.threads > 1 or not isinstance(ivf, faiss.IndexIVF) or is_fastscan(ivf)
+                or len(q) < 2):
             return ivf.search(q, k, params=params)
         nprobe = min(nprobe, ivf.nlist)
-        cd, assign = ivf.quantizer.search(q, nprobe)                                # (n, nprobe) each
+        cd, assign = coarse if coarse is not None else ivf.quantizer.search(q, nprobe)   # (n, nprobe) each
         o = np.argsort(assign[:, 0], kind="stable")
         qs, a, c = (np.ascontiguousarray(x[o]) for x in (q, assign, cd))
         d, i = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)

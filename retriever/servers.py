@@ -17,7 +17,8 @@ from builder.runtime import ray_session
 from builder.storage import Storage
 from builder.versions import load_version
 from retriever.controller import GRACE, WATCH, ensure_controller
-from retriever.fleet import RetrieverError, cause, controller, find_all, find_servers, kill, served_version
+from retriever.fleet import (RetrieverError, ask, cause, controller, evaluator, find_all, find_servers, kill,
+                             served_version)
 from retriever.server import ServerError, datastore_key
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ def start_servers(uri: str, replicas: int = 1, rerank: bool = False, device: str
 
 
 def stop_servers(uri: str) -> int:
-    """Remove the controller and every server (of every version) of `uri`; returns how many servers."""
+    """Remove the controller, every server (of every version) and the warm evaluator of `uri`; returns how
+    many servers."""
     uri = Storage.from_uri(uri).uri
     h = controller(uri)
     if h is not None:
         kill([h])                                      # first: it starts no server after this
     n = kill(h for reps in find_all(uri).values() for hs in reps.values() for h in hs.values())
+    kill(h for h in [evaluator(uri)] if h is not None)
     _KEEP.pop(datastore_key(uri), None)
     return n
 
@@ -77,14 +80,8 @@ def stop_servers(uri: str) -> int:
 def controller_status(uri: str, timeout: float = 10.0) -> dict | None:
     """The controller's state (version served, watch, grace, last error), or None when none runs;
     {"error": ...} when it does not answer."""
-    import ray
     h = controller(Storage.from_uri(uri).uri)
-    if h is None:
-        return None
-    try:
-        return ray.get(h.status.remote(), timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        return {"version": None, "error": f"the controller does not answer: {type(cause(e)).__name__}"}
+    return None if h is None else ask(h, "status", timeout, "the controller", version=None)
 
 
 def server_status(uri: str, timeout: float = 10.0) -> list[dict]:

@@ -215,21 +215,27 @@ def test_rerank_eval_does_not_depend_on_the_index_shards(ds, tmp_path):
 
 
 def test_in_process_one_and_two_workers_agree(ds, tmp_path, caplog):
-    """The default (no --workers, no GPU: the LM in the eval process), one and two worker actors: the
-    same numbers; the profile accounts for the run and every server saw every query."""
+    """The default (no --workers, no GPU: the LM and the index shards in the eval process, no Ray), one
+    and two worker actors with embedded servers: the same numbers; the profile accounts for the run and
+    every shard saw every query."""
     _, out, evalf = ds
     caplog.set_level("INFO", logger="retriever.servers")
+    caplog.set_level("INFO", logger="retriever.evaluate")
     r = [evaluate(EvalConfig(datastore=out, corpus=[evalf], lam=0.3, temperature=2.0, k=8, nprobe=4, workers=w,
                              chunk_targets=10, cache_dir=str(tmp_path / "cache"))) for w in (None, 1, 2)]
     for x in r[1:]:
         assert x.tokens == r[0].tokens
         assert x.base_ppl == pytest.approx(r[0].base_ppl, rel=1e-9)
         assert x.knnlm_ppl == pytest.approx(r[0].knnlm_ppl, rel=1e-9)
-    assert f"`knnlm serve {out}` keeps them running" in caplog.text       # the hint: servers can stay up
-    for x in r:
+    # the hints: servers (and with them a warm LM) can stay up; the in-process run loaded the shards itself
+    assert f"index shards of {out} in this process" in caplog.text
+    assert f"index servers of {out} for this command" in caplog.text
+    assert caplog.text.count(f"`knnlm serve {out}` keeps them running") == 3
+    for x, w in zip(r, (None, 1, 2)):
         p = x.to_json()["profile"]
         marks = p["marks"]
-        assert 0 <= marks["ray"] <= marks["scored"] <= marks["done"] <= x.seconds + 1e-3      # (rounded to ms)
+        assert ("ray" in marks) == (w is not None)                        # in-process: no Ray at all
+        assert 0 <= marks.get("ray", 0) <= marks["scored"] <= marks["done"] <= x.seconds + 1e-3   # (rounded to ms)
         assert marks["model_checked"] <= marks["tokenized"] <= marks["first_chunk"] <= marks["scored"]
         assert marks["servers_up"] <= marks["scored"]
         assert {int(s): v["queries"] for s, v in p["servers"].items()} == {0: x.tokens, 1: x.tokens}

@@ -25,6 +25,7 @@ from retriever import (
     stop_servers,
 )
 from retriever import merge
+from retriever.local import LocalRetriever
 from retriever.merge import boundary_ties, exact_distances, shard_of, sort_topk
 
 DIM, N = 32, 12000
@@ -259,6 +260,20 @@ def test_sharded_equals_monolithic(synth, tmp_path, factory, metric, shards, ray
             np.testing.assert_array_equal(bare.values, got.values)
         dist, ids, vals = r.search(q[:3], k=5, nprobe=2)                # unpacks as a tuple
         assert ids.shape == (3, 5)
+        # the shards loaded in this process (`knnlm eval` with no cluster): the servers' answers, bit for bit
+        local = LocalRetriever.open(uri, cache_dir=str(tmp_path / "cache"), threads=max(1, 2 // shards))
+        # several 1-thread IVF shards (not fast-scan): each query's lists are found once for all of them
+        assert local._one_coarse == (shards > 1 and "fs" not in factory)
+        try:
+            for k, nprobe in ((10, 1), (100, 4), (20000, 16)):
+                for with_ids in (True, False):
+                    a, b = r.search(q, k=k, nprobe=nprobe, ids=with_ids), local.search(q, k=k, nprobe=nprobe, ids=with_ids)
+                    np.testing.assert_array_equal(a.dist, b.dist)
+                    np.testing.assert_array_equal(a.values, b.values)
+                    assert (b.ids is None) == (not with_ids) and (not with_ids or np.array_equal(a.ids, b.ids))
+            assert {s: v["queries"] for s, v in local.stats().items()} == {s: 6 * 40 for s in range(shards)}
+        finally:
+            local.close()
     finally:
         stop_servers(uri)
     assert not find_servers(uri)
@@ -274,7 +289,7 @@ def served(synth, tmp_path_factory, ray_cluster):
     stop_servers(uri)
 
 
-def test_rerank_uses_exact_distances(served):
+def test_rerank_uses_exact_distances(served, tmp_path):
     uri, _ = served
     keys, _ = columns(uri)
     r = Retriever.connect(uri)
@@ -289,6 +304,13 @@ def test_rerank_uses_exact_distances(served):
     for row in range(len(q)):
         assert sorted(exact.ids[row]) == sorted(plain.ids[row]), row
     assert not np.array_equal(exact.ids, plain.ids)
+    local = LocalRetriever.open(uri, rerank=True, cache_dir=str(tmp_path / "local"), threads=1)
+    try:                                   # in this process: the same re-ranked answer
+        mine = local.search(q, k=50, nprobe=4, rerank=True)
+        for a, b in zip(mine, exact):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        local.close()
 
 
 def test_status_and_bad_requests_do_not_hurt_servers(served):
@@ -477,3 +499,21 @@ def test_servers_fetch_shards_from_s3(synth, tmp_path, s3_bucket, ray_cluster):
             stop_servers(u)
     np.testing.assert_array_equal(results[0].dist, results[1].dist)
     np.testing.assert_array_equal(results[0].ids, results[1].ids)
+
+
+def test_one_quantizer_is_checked_not_assumed():
+    """LocalRetriever shares the coarse search only between shards whose quantizers hold the same
+    centroids: copies of one trained index do, two trainings do not."""
+    import faiss
+    from types import SimpleNamespace
+
+    from retriever.local import _one_quantizer
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    a = faiss.index_factory(8, "IVF16,Flat")
+    a.train(x)
+    b = faiss.index_factory(8, "IVF16,Flat")
+    b.cp.seed = 7
+    b.train(x[::-1].copy())
+    shard = lambda ix: SimpleNamespace(index=ix)          # noqa: E731 - what _one_quantizer reads of a shard
+    assert _one_quantizer([shard(a), shard(faiss.clone_index(a))])
+    assert not _one_quantizer([shard(a), shard(b)])

@@ -156,29 +156,109 @@ def test_embedded_serve_runs_until_ctrl_c_and_auto_reaches_it(flat2, tmp_path):
     tmp = tempfile.mkdtemp(prefix="sf-", dir="/tmp")                  # short: Ray's socket paths live under it
     env = dict(os.environ, TMPDIR=tmp, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
-    srv = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", uri, "--replicas", "2", "--cache-dir",
-                            str(tmp_path / "cache")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)
-    lines = []
     try:
-        t0 = time.time()
-        for line in srv.stdout:
-            lines.append(line)
-            if "Ctrl-C stops" in line:
-                break
-            assert time.time() - t0 < 120, "".join(lines)
-        assert srv.poll() is None, "".join(lines)
-        client = ("import ray, sys, numpy as np\nfrom retriever import Retriever\nray.init(address='auto')\n"
-                  "r = Retriever.connect(sys.argv[1])\nres = r.search(np.zeros((3, 32), np.float32), k=4, nprobe=2)\n"
-                  "print('OK', res.ids.shape, sum(len(v) for v in r.servers.values()))\n")
-        c = subprocess.run([sys.executable, "-c", client, uri], env=env, capture_output=True, text=True, timeout=120,
-                           check=False)
-        assert "OK (3, 4) 4" in c.stdout, c.stdout + c.stderr
-        srv.send_signal(15)          # SIGTERM (a service manager): the path of Ctrl-C (KeyboardInterrupt)
-        rest, _ = srv.communicate(timeout=60)
+        srv, lines = _serve(uri, env, "--replicas", "2", "--cache-dir", str(tmp_path / "cache"))
+        try:
+            client = ("import ray, sys, numpy as np\nfrom retriever import Retriever\nray.init(address='auto')\n"
+                      "r = Retriever.connect(sys.argv[1])\nres = r.search(np.zeros((3, 32), np.float32), k=4, nprobe=2)\n"
+                      "print('OK', res.ids.shape, sum(len(v) for v in r.servers.values()))\n")
+            c = subprocess.run([sys.executable, "-c", client, uri], env=env, capture_output=True, text=True,
+                               timeout=120, check=False)
+            assert "OK (3, 4) 4" in c.stdout, c.stdout + c.stderr
+        finally:
+            rest = _stop(srv)        # SIGTERM (a service manager): the path of Ctrl-C (KeyboardInterrupt)
         assert srv.returncode == 0 and "stopped" in rest, "".join(lines) + rest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _serve(uri: str, env: dict, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """`knnlm serve URI` in its own session, once it says it serves (its lines so far)."""
+    srv = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", uri, *extra], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, t0 = [], time.time()
+    for line in srv.stdout:
+        lines.append(line)
+        if "Ctrl-C stops" in line:
+            break
+        assert time.time() - t0 < 180, "".join(lines)
+    assert srv.poll() is None, "".join(lines)
+    return srv, lines
+
+
+def _stop(srv: subprocess.Popen) -> str:
+    srv.send_signal(15)
+    try:
+        rest, _ = srv.communicate(timeout=60)
     finally:
         if srv.poll() is None:
             os.killpg(srv.pid, 9)
             srv.wait()
+    return rest
+
+
+def test_warm_evaluator_of_serve_runs_eval_with_the_in_process_numbers(ds, tmp_path):  # noqa: F811
+    """`knnlm serve DS` keeps a warm evaluator (torch, transformers, the LM loaded); `knnlm eval DS --address
+    auto` from another folder, with relative paths, runs on it: the in-process run's numbers, a client that
+    never imports torch, a second call on the same evaluator, a user error as one line, and --workers (or
+    `knnlm serve --no-evaluator`) evaluating in the client."""
+    from retriever.config import EvalConfig
+    from retriever.evaluate import evaluate
+    _, out, evalf = ds
+    cfg = dict(lam=0.3, temperature=2.0, k=8, nprobe=4)
+    ref = evaluate(EvalConfig(datastore=out, corpus=[evalf], cache_dir=str(tmp_path / "c0"), **cfg))
+    client = tmp_path / "client"
+    client.mkdir()
+    shutil.copy(evalf, client / "text.jsonl")
+    tmp = tempfile.mkdtemp(prefix="sf-", dir="/tmp")                  # short: Ray's socket paths live under it
+    env = dict(os.environ, TMPDIR=tmp, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
+
+    def knnlm_eval(*extra: str) -> subprocess.CompletedProcess:           # every path relative to the client
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "cluster.cli", "eval",
+                               os.path.relpath(out, client), "--corpus",
+                               "text.jsonl", "--lambda", "0.3", "--temperature", "2", "--k", "8", "--nprobe", "4",
+                               "--address", "auto", *extra], cwd=client, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+    try:
+        srv, lines = _serve(out, env, "--cache-dir", str(tmp_path / "c1"))
+        try:
+            # ready, and at a plain process's priority (an embedded Ray's workers run at niceness 0, not 15)
+            assert any(ln.startswith("warm evaluator: pid") and "model loaded" in ln and "nice" not in ln
+                       for ln in lines), "".join(lines)
+            for call in (1, 2):
+                r = knnlm_eval("--out", "r.json")
+                assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+                assert "evaluating on the warm evaluator" in r.stderr
+                imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+                assert "torch" not in imported and "transformers" not in imported      # the client stays lean
+                got = json.loads((client / "r.json").read_text())      # --out: relative to the client's folder
+                assert got["profile"]["evaluator"]["warm"] and got["profile"]["evaluator"]["call"] == call
+                assert got["tokens"] == ref.tokens
+                assert got["base_ppl"] == pytest.approx(ref.base_ppl, rel=1e-9)
+                assert got["knnlm_ppl"] == pytest.approx(ref.knnlm_ppl, rel=1e-9)
+            bad = knnlm_eval("--mode", "stream")                         # a user error, raised on the evaluator
+            assert bad.returncode == 2, bad.stdout + bad.stderr[-3000:]
+            assert "knnlm eval: error: --mode stream: the datastore's keys were built in document mode" in bad.stderr
+            assert "Traceback" not in bad.stderr
+            st = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", out, "--address", "auto", "--status"],
+                                env=env, capture_output=True, text=True, timeout=120, check=False)
+            assert st.returncode == 0 and "warm evaluator: pid" in st.stdout, st.stdout + st.stderr[-2000:]
+            assert "3 evaluations so far" in st.stdout, st.stdout      # two, and the refused one
+            own = knnlm_eval("--workers", "1", "--out", "w.json")     # Ray workers asked for: not the evaluator
+            assert own.returncode == 0 and "warm evaluator" not in own.stderr, own.stderr[-3000:]
+            assert "evaluator" not in json.loads((client / "w.json").read_text())["profile"]
+        finally:
+            rest = _stop(srv)
+        assert "stopped" in rest
+        srv, lines = _serve(out, env, "--cache-dir", str(tmp_path / "c1"), "--no-evaluator")
+        try:
+            assert not any("warm evaluator" in ln for ln in lines)
+            r = knnlm_eval("--out", "n.json")
+            assert r.returncode == 0 and "warm evaluator" not in r.stderr, r.stderr[-3000:]
+            got = json.loads((client / "n.json").read_text())
+            assert got["knnlm_ppl"] == pytest.approx(ref.knnlm_ppl, rel=1e-9) and "evaluator" not in got["profile"]
+        finally:
+            _stop(srv)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)

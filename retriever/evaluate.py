@@ -185,8 +185,8 @@ def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalRe
     pool: list = []
     before: dict = {}
     with ThreadPoolExecutor(3, thread_name_prefix="knnlm-eval-start") as ex, ExitStack() as stack:
-        # the model's check and the tokenization need no Ray: they run while it starts (4 s when embedded),
-        # and so does the in-process LM's load when there is no cluster to ask
+        # the model's check and the tokenization need no Ray: they run while it starts (an embedded one: 4 s);
+        # in a process with no cluster to use (no Ray at all), so does the LM's load
         planned = ex.submit(_check_and_plan, cfg, m, model, mode, window, min_context, marks, t0)
         here = ex.submit(make_worker, model, m.key_layer, "cpu", compute_dtype, st.uri, threads_here) \
             if in_process else None

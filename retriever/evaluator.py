@@ -12,7 +12,8 @@ same tokenization, windows and scoring, the LM in its own process (`EvalWorkerIm
 calls, one per model, key layer, dtype and thread count). On a one-node cluster without GPUs it also
 keeps the index shards loaded (`LocalRetriever`, from the servers' cache: memory-mapped, so shared
 with them) and searches them itself; on several nodes it asks the servers, and with GPUs `evaluate`
-runs its LM on GPU workers (started per call: only the imports are warm there). Calls run one at a time (a second waits).
+runs its LM on GPU workers (started per call: only the imports are warm there). `evaluate` gives the
+kept LM a new retriever each call. Calls run one at a time (a second waits).
 The actor is `knnlm-<datastore key>-evaluator` in the "knnlm" namespace; `knnlm serve --stop` removes it.
 """
 from __future__ import annotations
@@ -106,9 +107,6 @@ class WarmEvaluatorImpl:
                 res = evaluate(cfg, make_worker=self.worker, shards=shards)
             except KnnlmError as e:
                 return {"error": str(e)}
-            finally:
-                for w in self.workers.values():      # reconnected by the next call: servers may have changed
-                    w._retriever = None
             j = res.to_json()
             j["profile"]["evaluator"] = {"warm": True, "pid": os.getpid(), "call": self.calls,
                                          "seconds": round(time.perf_counter() - t, 3)}

@@ -42,12 +42,7 @@ class WarmEvaluator:
 def start_evaluator(uri: str, detached: bool, cache_dir: str | None = None):
     """The datastore's warm evaluator (the running one, else one started here, preloading meanwhile)."""
     import ray
-    name = evaluator_name(uri)
-    try:
-        return ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        pass
-    opts = dict(name=name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0,
+    opts = dict(name=evaluator_name(uri), namespace=NAMESPACE, max_restarts=-1, max_task_retries=0, max_concurrency=4, num_cpus=0,
                 get_if_exists=True)
     if detached:
         opts["lifetime"] = "detached"

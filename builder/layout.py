@@ -110,6 +110,7 @@ def index_shard_record_path(i: int) -> str:
 
 # ---- neighbour caches (`knnlm eval --save-neighbours`, retriever/tune.py) ----
 NEIGHBOUR_CACHE_META = "cache.json"          # relative to the cache folder; written last
+NEIGHBOUR_CACHE_TEXT = "text.parquet"        # the evaluated text (retriever/tune.py)
 
 
 def neighbour_chunk_path(chunk: int) -> str:
@@ -165,3 +166,14 @@ def compacted_shard_path(version: int, path: str) -> str:
 
 def compacted_index_shard_path(version: int, i: int, n: int) -> str:
     return f"index/shards/v{version:06d}/{i:05d}-of-{n:05d}.faiss"
+
+
+# ---- a report folder (`knnlm report`, `knnlm eval --report`: retriever/report.py) ----
+REPORT_INDEX = "index.html"                  # the page, written last: the report is complete when it exists
+REPORT_RUN = "data/run.js"                   # the run, the plots and the lists: knnlmRun({...})
+REPORT_DATA_DIR = "data/"
+
+
+def report_page_path(page: int) -> str:
+    """One page of text with its tokens' numbers and neighbours: knnlmPage(page, {...})."""
+    return f"data/page-{page:05d}.js"

@@ -20,7 +20,8 @@ from builder.errors import KnnlmError
 from builder.options import add_options, from_args
 from cluster.config import DemoConfig, LogsConfig, RunConfig, StatusConfig, SubmitConfig
 from cluster.pipeline_spec import pipeline_reference
-from retriever.config import EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
+from retriever.config import (EvalConfig, GenerateConfig, NeighboursConfig, QueryConfig, ReportConfig, ServeConfig,
+                              TuneConfig)
 
 log = logging.getLogger("knnlm")
 
@@ -156,6 +157,17 @@ COMMANDS = {
         "proportional to the sum over the k neighbours with value y of exp(-d/T), d the squared L2 distance FAISS "
         "returns (exp(s/T) for inner product). LM workers are Ray actors (one per GPU, else one using the CPUs); "
         "their queries go to the index servers in batches."),
+    "report": Command(
+        ReportConfig, (RETRIEVAL, "report"),
+        "a page (opens from disk) of where the datastore helped and which training text each prediction came from",
+        "Write a static report of an evaluation (what `knnlm eval --save-neighbours` cached; `knnlm eval --report DIR` "
+        "writes one directly) to --out: index.html opens from disk with no server and no network. It shows the run's "
+        "settings and both perplexities; the evaluated text coloured by each token's log-probability gain (kNN-LM "
+        "minus base), paged; for a clicked token its probabilities (base, p_kNN, kNN-LM) and its nearest neighbours "
+        "with distance, weight, token, source file and document, and the training text around them; perplexity "
+        "against lambda and k, the histogram of gains, the gain by how often the target occurs in the training text; "
+        "and the largest gains and losses, linked into the text. The folder holds a compact per-token summary (its "
+        "size, printed, grows linearly with the scored tokens)."),
     "tune": Command(
         TuneConfig, (RETRIEVAL, "tune"),
         "choose lambda, T and k on cached neighbours (knnlm eval --save-neighbours), in seconds",

@@ -10,10 +10,11 @@
 3. The pipeline, through `knnlm run`'s own code: build (stream mode) → train-index → add → tune
    (neighbour caches of valid and test, λ/T/k chosen on valid, plots) → eval of test with the tuned
    values.
-4. The end: the base vs kNN-LM perplexity table, the plots, and one generated sample with and
-   without the datastore. Everything goes to --out (default ./knnlm-demo): the data, the
-   datastore, pipeline.yaml, plots/, and results.json (the fields of `knnlm eval --out`, plus
-   the validation figures, the tuned values and the samples).
+4. The end: the base vs kNN-LM perplexity table, the plots, the report of the test text
+   (report/index.html: `knnlm eval --report`), and one generated sample with and without the
+   datastore. Everything goes to --out (default ./knnlm-demo): the data, the datastore,
+   pipeline.yaml, plots/, report/, and results.json (the fields of `knnlm eval --out`, plus the
+   validation figures, the tuned values and the samples).
 """
 from __future__ import annotations
 
@@ -277,7 +278,7 @@ def pipeline_spec(out: str, paths: dict[str, str], model: str, window: int | Non
         "index": {"factory": factory, **index} if factory else index,
         "tune": {"valid": [rel(paths["valid"])], "test": [rel(paths["test"])], "format": fmt, "k": 1024,
                  "plots": "plots", "out": "tune.json"},
-        "eval": {"corpus": [rel(paths["test"])], "format": fmt, "out": "eval-test.json"},
+        "eval": {"corpus": [rel(paths["test"])], "format": fmt, "out": "eval-test.json", "report": "report"},
     }
 
 
@@ -348,6 +349,9 @@ def report(r: dict) -> str:
     lines += [(f"{lab:<34} {r['valid_knnlm_ppl']:>10.2f} {r['knnlm_ppl']:>10.2f}  "
                f"({100 * r['relative_change']:+.1f}% on test, {r['tokens']:,} tokens)"), ""]
     lines += [f"plot: {p}" for p in r.get("plots", [])]
+    if r.get("report"):
+        lines.append(f"report: {r['report']['path']} (open it in a browser: where the datastore helped, and the "
+                     "training text behind each prediction)")
     s = r["samples"]
     lines += ["", f"prompt:             {s['prompt']}", f"with the datastore: …{s['knnlm']}",
               f"base LM alone:      …{s['base']}", "",

@@ -25,4 +25,12 @@ def eval_(cfg: EvalConfig) -> int:
     print(out["table"])
     if cfg.out:
         write_json_file(cfg.out, out["result"])
+    if out["result"].get("report"):
+        print(report_line(out["result"]["report"]))
     return 0
+
+
+def report_line(info: dict) -> str:
+    """A report's line (`knnlm eval --report`, `knnlm report`): where it is and how big."""
+    return (f"report: {info['path']} ({info['files']} files, {info['bytes'] / 1e6:.1f} MB for {info['tokens']:,} "
+            f"scored tokens: {info['bytes_per_token']:.0f} bytes per token)")

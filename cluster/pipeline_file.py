@@ -102,6 +102,7 @@ def resolve_pipeline(data, path: str, check_inputs: bool = True, check_model: bo
     if p.eval:
         p.eval.corpus = [_rel(c, base) for c in p.eval.corpus]
         p.eval.out = p.eval.out and _rel(p.eval.out, base)
+        p.eval.report = p.eval.report and _rel(p.eval.report, base)
     if check_inputs:
         _check_inputs(p, check_model)
     return p

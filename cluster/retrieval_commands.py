@@ -1,4 +1,4 @@
-"""The handlers of the retrieval commands: `knnlm serve`, `query`, `tune`, `generate` and `neighbours`
+"""The handlers of the retrieval commands: `knnlm serve`, `query`, `tune`, `generate`, `neighbours` and `report`
 (`eval`'s is cluster/eval_command.py, which stays clear of torch). Each takes its command's config
 (retriever/config.py) and prints what it found; cluster/cli.py loads this module when one of them runs."""
 from __future__ import annotations
@@ -14,10 +14,12 @@ from builder.config import ConfigError
 from builder.manifest import load_manifest
 from builder.runtime import connect_ray, ray_session
 from builder.storage import Storage
-from retriever.config import GenerateConfig, NeighboursConfig, QueryConfig, ServeConfig, TuneConfig
+from cluster.eval_command import report_line
+from retriever.config import GenerateConfig, NeighboursConfig, QueryConfig, ReportConfig, ServeConfig, TuneConfig
 from retriever.evaluate import knnlm_settings
 from retriever.generate import generate as generate_text
 from retriever.provenance import neighbours as find_neighbours
+from retriever.report import report_from_cache
 from retriever.router import Retriever, controller_status, server_status, serving, start_servers, stop_servers
 from retriever.server import RequestError, check_request
 from retriever.tune import tune_caches
@@ -170,6 +172,11 @@ def tune(a: TuneConfig) -> int:
         print(f"plot: {path}")
     if a.record:
         print(f"recorded in {a.record}/manifest.json: `knnlm eval` now defaults to these values")
+    return 0
+
+
+def report(a: ReportConfig) -> int:
+    print(report_line(report_from_cache(a)))
     return 0
 
 

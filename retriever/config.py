@@ -9,6 +9,7 @@ from builder.config import COMPUTE_DTYPES, DATASTORE, DEVICES, FORMATS, MODES, C
 from builder.options import opt
 
 TUNED = "the value `knnlm tune` recorded, else {}"
+CACHE_IDS = 16      # neighbours per token whose global ids a neighbour cache keeps: where a report finds their text
 
 
 # the kNN-LM settings, shared by eval and generate (defaults: retriever.knnlm.PAPER_*)
@@ -55,8 +56,9 @@ class EvalConfig:
     k: int | None = _k()
     nprobe: int = _nprobe()
     save_neighbours: str | None = opt(None, metavar="URI", file=False,
-                                      help="also store, per token, the LM log-prob of the target and the k distances "
-                                           "and values (Parquet; see retriever/tune.py) for `knnlm tune`")
+                                      help="also store, per token, the LM log-prob of the target, the k distances "
+                                           "and values and the first 16 neighbours' ids, and the evaluated text "
+                                           "(Parquet; see retriever/tune.py) for `knnlm tune` and `knnlm report`")
     rerank: bool = opt(False, choices=("exact",), from_cli=lambda v: v == "exact",
                        help="exact: re-rank the k retrieved candidates by exact distance (servers need --rerank)")
     mode: str | None = opt(None, choices=MODES, file=False, help="", default_text="the manifest's")
@@ -77,6 +79,9 @@ class EvalConfig:
     batch_size: int = opt(8, file=False, help="windows per forward pass")
     cache_dir: str | None = opt(None, file=False, help="cache of the embedded servers")
     out: str | None = opt(None, metavar="FILE.json", help="also write the results as JSON")
+    report: str | None = opt(None, metavar="DIR", help="also write a report there: a page (DIR/index.html, opens from "
+                                                      "disk) of each token's gain and the training text its nearest "
+                                                      "neighbours come from, as `knnlm report` makes")
     search_batch: int = 4096
     chunk_targets: int = 8192
     device: str = "auto"
@@ -107,6 +112,30 @@ class TuneConfig:
     plots: str | None = opt(None, metavar="DIR", help="PNG plots: perplexity vs lambda, vs k")
     record: str | None = opt(None, metavar="DATASTORE_URI",
                              help="store the choice in this datastore's manifest as `knnlm eval`'s default")
+
+
+@dataclass
+class ReportConfig:
+    """`knnlm report`: a static page of where the datastore helped, and which training text each prediction
+    came from."""
+    datastore: str = opt(**DATASTORE)
+    cache: str = opt(metavar="EVAL_CACHE", help="the neighbour cache of an evaluation (`knnlm eval --save-neighbours`)")
+    out: str = opt(metavar="DIR", help="the report's folder: index.html and data/ (local or s3://)")
+    neighbours: int = opt(4, help=f"neighbours shown per token (at most {CACHE_IDS}: a cache keeps the ids of "
+                                  "that many)")
+    context: int = opt(12, help="training tokens shown before each neighbour's token (and a third as many after)")
+    page_tokens: int = opt(2000, help="scored tokens per page of text (the browser draws one page at a time)")
+    tune: str | None = opt(None, metavar="FILE.json", help="`knnlm tune --out`'s file: its validation curves are "
+                                                          "plotted beside this text's")
+    model: str | None = _model()
+
+    def __post_init__(self):
+        positive(("--neighbours", self.neighbours), ("--page-tokens", self.page_tokens))
+        if self.neighbours > CACHE_IDS:
+            raise ConfigError(f"--neighbours {self.neighbours}: a neighbour cache keeps the ids of the first "
+                              f"{CACHE_IDS} neighbours of each token; show at most {CACHE_IDS}")
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
+            raise ConfigError(f"--context must be a non-negative integer (got {self.context!r})")
 
 
 @dataclass

@@ -20,7 +20,6 @@ and its chunk redone by the next free worker.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -35,18 +34,20 @@ from builder.corpus import detect_format, tokenize_file
 from builder.dispatch import dispatch
 from builder.layout import NEIGHBOUR_CACHE_META
 from builder.manifest import load_manifest, require_index_shards
-from builder.modelinfo import ModelError, inspect_model
 from builder.runtime import cluster_resources, ray_session, unwrap_task_error
 from builder.storage import Storage, expand_inputs, read_uri, write_json_file
-from retriever.config import EvalConfig
+from retriever.config import CACHE_IDS, EvalConfig
 from retriever.knnlm import perplexity
 from retriever.local import LocalRetriever
+from retriever.report import ReportOptions, run_header, write_report
+from retriever.report_data import concat
 from retriever.router import Retriever, RetrieverError, find_all, serving
 from retriever.scoring import (  # noqa: F401 - the cores, names of this module's API too
     Chunk,
     EvalError,
     EvalWorkerImpl,
     Scored,
+    check_model,
     knnlm_settings,
     load_query_encoder,
     load_query_model,
@@ -54,8 +55,10 @@ from retriever.scoring import (  # noqa: F401 - the cores, names of this module'
     query_dtype,
     score_and_search,
     score_windows,
+    tokenizer_of,
 )
 from retriever.server import RequestError
+from retriever.tune import write_text
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ class EvalResult:
     protocol: Protocol
     version: int | list = 1      # the datastore version whose servers answered (a list: several did)
     profile: dict = field(default_factory=dict)   # where the time went: `evaluate`'s marks, the servers' search
+    report: dict | None = None   # `--report`: where the page is, its files and bytes (retriever/report.py)
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "base_ppl": self.base_ppl, "knnlm_ppl": self.knnlm_ppl,
@@ -108,7 +112,8 @@ class EvalResult:
                 "temperature": self.temperature, "k": self.k, "nprobe": self.nprobe, "rerank": self.rerank,
                 **self.protocol.to_json(),
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else None, "seconds": self.seconds,
-                "seconds_split": self.split, "version": self.version, "profile": self.profile}
+                "seconds_split": self.split, "version": self.version, "profile": self.profile,
+                **({"report": self.report} if self.report else {})}
 
     def table(self) -> str:
         j = self.to_json()
@@ -134,25 +139,6 @@ def eval_windows(cfg: EvalConfig, m) -> tuple[int, int]:
     if max_pos and window > max_pos:
         raise EvalError(f"--window {window}: the model ({m.model.get('name')}) takes at most {max_pos} positions")
     return window, min_context
-
-
-def check_model(model: str | None, m) -> "object":
-    """The ModelInfo of `model` (default: the manifest's), refused unless it is the model, tokenizer and
-    key module that built the datastore."""
-    model = model or m.model.get("path") or m.model["name"]
-    try:
-        info = inspect_model(model, m.key_layer)
-    except ModelError as e:
-        raise EvalError(str(e)) from None
-    if info.sha256 != m.model["sha256"]:
-        raise EvalError(f"--model {model} (weights sha256 {info.sha256[:12]}) is not the model that built the datastore "
-                        f"({m.model['name']}, sha256 {m.model['sha256'][:12]}): queries must come from the same model")
-    if info.tokenizer_sha256 != m.tokenizer.get("sha256"):
-        raise EvalError(f"--model {model}: its tokenizer (sha256 {info.tokenizer_sha256[:12]}) differs from the "
-                        f"datastore's ({str(m.tokenizer.get('sha256'))[:12]})")
-    if info.key_module != m.key_module:
-        raise EvalError(f"--model {model}: key module {info.key_module}, the datastore's keys come from {m.key_module}")
-    return info
 
 
 def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalResult:
@@ -220,17 +206,18 @@ def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalRe
             return got
         up = ex.submit(servers)
         try:
-            chunks, inputs, sequences = planned.result()
+            chunks, inputs, seqs, tok = planned.result()
+            report = {"show": ReportOptions().show} if cfg.report else None
             if local:
                 worker = here.result()
                 worker.connect = up.result if in_process else lambda: _connect_when(up, st.uri)
                 worker._retriever = None
                 results = {c.id: worker.run(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                            cfg.batch_size, cfg.search_batch, cfg.save_neighbours)
+                                            cfg.batch_size, cfg.search_batch, cfg.save_neighbours, report)
                            for c in chunks}
             else:
                 up.result()
-                results = _run_chunks(pool[:len(chunks)], chunks, k, cfg, lam, temperature)
+                results = _run_chunks(pool[:len(chunks)], chunks, k, cfg, lam, temperature, report)
             marks["scored"] = time.perf_counter() - t0
             after = up.result().stats() if in_process else server_stats(st.uri)
         finally:
@@ -251,17 +238,24 @@ def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalRe
                                "seconds": round(after[s]["seconds"] - before.get(s, {}).get("seconds", 0.0), 3)}
                            for s in after}}
     n = int(lm.size)
-    protocol = Protocol(window, min_context, mode, n, sequences, distances_name(cfg.rerank), m.index["factory"],
+    protocol = Protocol(window, min_context, mode, n, len(seqs), distances_name(cfg.rerank), m.index["factory"],
                         cfg.nprobe, compute_dtype)
     versions = sorted({v for i in order for v in results[i].get("versions", [])})
     res = EvalResult(n, perplexity(float(np.sum(lm)), n), perplexity(float(np.sum(mix)), n), lam, temperature, k,
                      cfg.nprobe, cfg.rerank, time.perf_counter() - t0, split, protocol,
                      versions[0] if len(versions) == 1 else versions or m.version, profile)
-    if cfg.save_neighbours:  # written last: a cache is complete when cache.json exists
-        Storage.from_uri(cfg.save_neighbours).write_text(NEIGHBOUR_CACHE_META, json.dumps(
-            {"metric": m.index["metric"], "k": k, "rerank": cfg.rerank, "datastore": st.uri,
+    if cfg.save_neighbours:  # cache.json last: a cache is complete when it exists
+        cache = Storage.from_uri(cfg.save_neighbours)
+        write_text(cache, seqs)
+        cache.write_text(NEIGHBOUR_CACHE_META, json.dumps(
+            {"metric": m.index["metric"], "k": k, "ids": min(k, CACHE_IDS), "rerank": cfg.rerank, "datastore": st.uri,
              "version": min(versions or [m.version]),   # the oldest that answered: tune checks removals since
-             "corpus": inputs, "chunks": len(chunks), **protocol.to_json()}))
+             "corpus": inputs, "chunks": len(chunks), "lambda": lam, "temperature": temperature,
+             "base_ppl": res.base_ppl, "knnlm_ppl": res.knnlm_ppl, "model": m.model.get("name"),
+             "model_sha256": m.model.get("sha256"), "key_layer": m.key_layer, **protocol.to_json()}))
+    if cfg.report:
+        res.report = write_report(cfg.report, run_header(st.uri, m, res.to_json(), inputs),
+                                  concat([results[i]["report"] for i in order]), seqs, st, m, tok, ReportOptions())
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
 
@@ -287,51 +281,45 @@ def _cuda_here() -> bool:
 
 
 def _check_and_plan(cfg: EvalConfig, m, model: str, mode: str, window: int, min_context: int, marks: dict,
-                    t0: float) -> tuple[list[Chunk], list[str], int]:
-    """`check_model`, then `_plan` (marks: when each was done)."""
+                    t0: float) -> tuple[list[Chunk], list[str], list, object]:
+    """`check_model`, then `_plan` (marks: when each was done); its tokenizer last."""
     info = check_model(model, m)
     marks["model_checked"] = time.perf_counter() - t0
-    out = _plan(cfg, m, mode, _tokenizer(info.path, info.tokenizer_sha256), window, min_context)
+    tok = tokenizer_of(info.path, info.tokenizer_sha256)
+    out = _plan(cfg, m, mode, tok, window, min_context)
     marks["tokenized"] = time.perf_counter() - t0
-    return out
+    return (*out, tok)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_path: str, sha256: str):
-    """The model's tokenizer, kept per (folder, hash of its files): the warm evaluator loads it once."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.model_max_length = 1 << 60
-    return tok
-
-
-def _plan(cfg: EvalConfig, m, mode: str, tok, window: int, min_context: int) -> tuple[list[Chunk], list[str], int]:
+def _plan(cfg: EvalConfig, m, mode: str, tok, window: int, min_context: int) -> tuple[list[Chunk], list[str], list]:
     """The evaluation text tokenized as the datastore's corpus was, cut into chunks; refuses empty text.
-    (chunks, inputs, sequences scored: each one's first token is not)."""
+    (chunks, inputs, the scored sequences as (input index, sequence index in it, tokens): each one's first
+    token is not scored)."""
     try:
         inputs = expand_inputs(cfg.corpus)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
     built = {f.get("sha256"): f.get("uri") for f in m.corpus.get("files", [])}
     sequences = []
-    for uri in inputs:
+    for i, uri in enumerate(inputs):
         tf = tokenize_file(read_uri(uri), uri, detect_format(uri, cfg.format), mode, tok, cfg.text_field)
         if tf.sha256 in built or uri in built.values():
             log.warning("%s is also in the datastore's corpus (%s): its tokens will retrieve themselves and the "
                         "perplexity will look better than it is", uri, built.get(tf.sha256, uri))
         off = 0
-        for n in tf.seq_lengths:
-            sequences.append(tf.tokens[off:off + n])
+        for j, n in enumerate(tf.seq_lengths):
+            if n >= 2:                   # (a one-token sequence has nothing to score)
+                sequences.append((i, j, tf.tokens[off:off + n]))
             off += n
-    chunks = plan_chunks(sequences, window, min_context, cfg.chunk_targets)
+    chunks = plan_chunks([q for _, _, q in sequences], window, min_context, cfg.chunk_targets)
     if not chunks:
         raise EvalError(f"--corpus {', '.join(cfg.corpus)}: no token to score (empty text, or documents shorter "
                         "than 2 tokens)")
-    return chunks, inputs, sum(1 for s in sequences if len(s) >= 2)
+    return chunks, inputs, sequences
 
 
-def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float
-                ) -> dict[int, dict]:
+def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: float, temperature: float,
+                report: dict | None) -> dict[int, dict]:
     """Each chunk on the next free worker, one at a time each; {chunk id: its result}. A worker that dies
     (preempted, killed: any number of times) is restarted by Ray; its chunk goes back to the head of
     the queue (the next free worker runs it), and the worker gets work again once it answers a ping."""
@@ -354,7 +342,7 @@ def _run_chunks(pool: list, chunks: list[Chunk], k: int, cfg: EvalConfig, lam: f
         results[c.id] = res
 
     dispatch(chunks, lambda c, w: pool[w].run.remote(c.id, c.windows, k, cfg.nprobe, cfg.rerank, lam, temperature,
-                                                     cfg.batch_size, cfg.search_batch, cfg.save_neighbours),
+                                                     cfg.batch_size, cfg.search_batch, cfg.save_neighbours, report),
              done, lambda c, e: unwrap_task_error(e, f"evaluation chunk {c.id}",
                                                   (EvalError, RetrieverError, RequestError, ValueError),
                                                   EvalError),

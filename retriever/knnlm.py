@@ -87,6 +87,14 @@ def knn_log_probs_vocab(dist: np.ndarray, values: np.ndarray, vocab_size: int, t
     return out
 
 
+def neighbour_weights(dist: np.ndarray, values: np.ndarray, temperature: float, metric: str = "l2") -> np.ndarray:
+    """Each neighbour's share of p_kNN: w_j / Σ_k w (n, k) float64, from the weights `knn_log_probs` sums
+    (0 for a missing neighbour; a row without neighbours is all 0). `knnlm report` shows them."""
+    _, _, w, norm = _weights(dist, np.asarray(values), temperature, metric)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm[:, None] > 0, w / norm[:, None], 0.0)
+
+
 def interpolate(lm_logp: np.ndarray, knn_logp: np.ndarray, lam: float) -> np.ndarray:
     """log(λ·p_kNN + (1−λ)·p_LM), elementwise, float64; λ = 0 returns lm_logp exactly."""
     if not 0.0 <= lam <= 1.0:

@@ -4,6 +4,7 @@ model and dtype the queries must use, and `score_and_search`, the forward and th
 queries; `EvalWorkerImpl` is the worker around them (a Ray actor, or in the eval process)."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +16,12 @@ from builder.corpus import plan_windows
 from builder.errors import KnnlmError
 from builder.faults import maybe_fault
 from builder.keys import ComputeDtypeError, KeyLayerError, WindowJob, forward, load_encoder, load_model
+from builder.modelinfo import ModelError, inspect_model
 from builder.storage import Storage
 from retriever.knnlm import PAPER_K, PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs
+from retriever.report_data import summarize_chunk
 from retriever.router import Retriever
-from retriever.tune import write_chunk
+from retriever.tune import CACHE_IDS, write_chunk
 
 
 class EvalError(KnnlmError, RuntimeError):
@@ -99,6 +102,34 @@ def load_query_encoder(model_path: str, key_layer: str, compute_dtype: str, devi
         raise EvalError(str(e)) from None
 
 
+def check_model(model: str | None, m) -> "object":
+    """The ModelInfo of `model` (default: the manifest's), refused unless it is the model, tokenizer and
+    key module that built the datastore."""
+    model = model or m.model.get("path") or m.model["name"]
+    try:
+        info = inspect_model(model, m.key_layer)
+    except ModelError as e:
+        raise EvalError(str(e)) from None
+    if info.sha256 != m.model["sha256"]:
+        raise EvalError(f"--model {model} (weights sha256 {info.sha256[:12]}) is not the model that built the datastore "
+                        f"({m.model['name']}, sha256 {m.model['sha256'][:12]}): queries must come from the same model")
+    if info.tokenizer_sha256 != m.tokenizer.get("sha256"):
+        raise EvalError(f"--model {model}: its tokenizer (sha256 {info.tokenizer_sha256[:12]}) differs from the "
+                        f"datastore's ({str(m.tokenizer.get('sha256'))[:12]})")
+    if info.key_module != m.key_module:
+        raise EvalError(f"--model {model}: key module {info.key_module}, the datastore's keys come from {m.key_module}")
+    return info
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_of(model_path: str, sha256: str):
+    """The model's tokenizer, kept per (folder, hash of its files): the warm evaluator loads it once."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.model_max_length = 1 << 60
+    return tok
+
+
 def knnlm_settings(m, lam: float | None, temperature: float | None, k: int | None) -> tuple[float, float, int]:
     """(λ, T, k): each as given, else what `knnlm tune --record` stored in the manifest, else the paper's."""
     tuned = m.tuned or {}
@@ -147,7 +178,9 @@ class EvalWorkerImpl:
         return True
 
     def run(self, chunk_id: int, windows: list, k: int, nprobe: int, rerank: bool, lam: float, temperature: float,
-            batch_size: int, search_batch: int, save_uri: str | None = None) -> dict:
+            batch_size: int, search_batch: int, save_uri: str | None = None, report: dict | None = None) -> dict:
+        """The chunk's log-probs (LM and kNN-LM) in order; with `save_uri` its neighbour cache file is written,
+        with `report` ({"show": neighbours shown}) its summary for `knnlm report` is returned too."""
         if self.error is not None:
             raise self.error
         maybe_fault("eval", chunk_id)    # tests: the worker dies here once; Ray restarts it, the chunk runs again
@@ -159,20 +192,23 @@ class EvalWorkerImpl:
             torch.set_num_threads(self.threads)
         started = time.time()
         out = score_and_search(windows, self.encoder, lambda: self.retriever, k, nprobe, rerank, temperature, batch_size,
-                               search_batch, keep=bool(save_uri))
+                               search_batch, keep=bool(save_uri or report))
         t = time.perf_counter()
         mix = interpolate(out.lm, out.knn, lam)
         out.seconds["combine"] += time.perf_counter() - t
         if save_uri:
-            write_chunk(Storage.from_uri(save_uri), chunk_id, out.targets, out.lm, out.dists, out.values)
+            write_chunk(Storage.from_uri(save_uri), chunk_id, out.targets, out.lm, out.dists, out.values, out.ids)
+        summary = summarize_chunk(out.targets, out.lm, out.dists, out.values, out.ids, lam=lam, temperature=temperature,
+                                  k=k, metric=out.metric, show=report["show"], knn=out.knn) if report else None
         return {"lm": out.lm, "knnlm": mix, "tokens": len(out.lm), "versions": sorted(out.versions),
-                "started": started, "seconds": out.seconds}
+                "started": started, "seconds": out.seconds, "report": summary}
 
 
 @dataclass
 class Scored:
     """A chunk's targets scored: LM and kNN log-probs (m,) float64, targets (m,) int64, and with `keep`
-    the neighbours' distances and values (m, k); `seconds`: see `score_and_search`."""
+    the neighbours' distances and values (m, k) and the first min(k, CACHE_IDS) neighbours' global ids;
+    `seconds`: see `score_and_search`; `metric`: the index's."""
     lm: np.ndarray
     knn: np.ndarray
     targets: np.ndarray
@@ -180,6 +216,8 @@ class Scored:
     values: np.ndarray | None
     versions: set
     seconds: dict
+    ids: np.ndarray | None = None
+    metric: str = "l2"
 
 
 def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, rerank: bool, temperature: float,
@@ -194,6 +232,9 @@ def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, reran
     start after the forward: the LM and the servers then share the cores, and overlapping them measured
     slower (54 s against 44 s on the 2-core bench: each slowed the other by more than it gained).
 
+    `keep`: also the neighbours (distances, values, and the first CACHE_IDS ids), for a neighbour cache or a
+    report; the router then merges with ids, slower than its values-only merge.
+
     seconds: lm (the forward), search (the router's calls: the servers' answers and their merge), wait
     (the time from the forward's end to the last answer), merge (the router's merge of the shards'
     top-k), combine (p_kNN and the mix)."""
@@ -204,6 +245,7 @@ def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, reran
     lm, knn = np.empty(n), np.empty(n)
     dists = np.empty((n, k), np.float32) if keep else None
     values = np.empty((n, k), np.int32) if keep else None
+    ids = np.empty((n, min(k, CACHE_IDS)), np.int64) if keep else None
     sec = {"lm": 0.0, "search": 0.0, "wait": 0.0, "merge": 0.0, "combine": 0.0}
     versions: set = set()
     ready: list[tuple[np.ndarray, np.ndarray]] = []          # (rows, queries) of forward batches not yet searched
@@ -220,11 +262,11 @@ def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, reran
                 retriever = connect()
                 merge0 = retriever.timings["merge"]
         ts = time.perf_counter()
-        res = retriever.search(q.astype(np.float32), k=k, nprobe=nprobe, rerank=rerank, ids=False)
+        res = retriever.search(q.astype(np.float32), k=k, nprobe=nprobe, rerank=rerank, ids=keep)
         tc = time.perf_counter()
         knn[r] = knn_log_probs(res.dist, res.values, tgt[r], temperature, retriever.metric)
         if keep:
-            dists[r], values[r] = res.dist, res.values
+            dists[r], values[r], ids[r] = res.dist, res.values, res.ids[:, :ids.shape[1]]
         with lock:                          # (two search threads: `+=` on a dict is not atomic)
             versions.add(res.version)
             sec["search"] += tc - ts
@@ -260,4 +302,4 @@ def score_and_search(windows: list, encoder, connect, k: int, nprobe: int, reran
         sec["wait"] = time.perf_counter() - t1
         sec["lm"] = t1 - t0
     sec["merge"] = retriever.timings["merge"] - merge0 if retriever is not None else 0.0
-    return Scored(lm, knn, tgt, dists, values, versions, sec)
+    return Scored(lm, knn, tgt, dists, values, versions, sec, ids, retriever.metric if retriever else "l2")

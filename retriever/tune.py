@@ -8,11 +8,16 @@ A cache is a folder (local or s3://) of Parquet files, one per evaluation chunk,
 | lm_logp  | float64                     | the base LM's log p(target) |
 | dist     | fixed_size_list<float32>[k] | distances of the k neighbours, best first (squared L2 / inner product, as FAISS returns them; +inf / -inf where missing) |
 | values   | fixed_size_list<int32>[k]   | their values (token ids; -1 where missing) |
+| ids      | fixed_size_list<int64>[m]   | the global ids of the first m = min(k, 16) of them (-1 where missing): where `knnlm report` finds their training text |
 
-plus `cache.json`: {metric, k, rerank, datastore, version, corpus, chunks} and the evaluation's protocol
-(`retriever.evaluate.Protocol`: window, min_context, mode, tokens, sequences, distances,
-index_factory, nprobe, compute_dtype). Everything `knnlm tune` needs: it searches λ, T and k (a prefix of the k
-neighbours) without the LM or the index; its output records each cache's protocol under `caches`.
+plus `text.parquet`, the evaluated text (one row per scored sequence: `input`, the index of its file in
+the corpus list; `sequence`, its index in that file; `tokens`, list<int32>, its first token unscored and
+the others the targets above, in order), and `cache.json` (written last): {metric, k, ids, rerank,
+datastore, version, corpus, chunks, lambda, temperature, base_ppl, knnlm_ppl, model, key_layer} and the
+evaluation's protocol (`retriever.evaluate.Protocol`: window, min_context, mode, tokens, sequences,
+distances, index_factory, nprobe, compute_dtype). Everything `knnlm tune` needs: it searches λ, T and k
+(a prefix of the k neighbours) without the LM or the index; its output records each cache's protocol
+under `caches`. A cache written before ids and text were kept has neither: tune reads it, a report does not.
 """
 from __future__ import annotations
 
@@ -27,23 +32,50 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.config import ConfigError
-from builder.layout import NEIGHBOUR_CACHE_META, neighbour_chunk_path
+from builder.layout import NEIGHBOUR_CACHE_META, NEIGHBOUR_CACHE_TEXT, neighbour_chunk_path
 from builder.manifest import ManifestError, load_manifest, write_manifest
 from builder.storage import NotFound, Storage, StorageError, write_json_file
-from retriever.config import TuneConfig
+from retriever.config import CACHE_IDS, TuneConfig
 from retriever.knnlm import PAPER_LAMBDA, PAPER_TEMPERATURE, interpolate, knn_log_probs, perplexity
 
 log = logging.getLogger(__name__)
 
 
-def write_chunk(storage, i: int, target: np.ndarray, lm: np.ndarray, dist: np.ndarray, values: np.ndarray) -> None:
-    k = dist.shape[1]
-    t = pa.table({"target": pa.array(np.asarray(target, np.int64)), "lm_logp": pa.array(np.asarray(lm, np.float64)),
-                  "dist": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(dist, np.float32).ravel()), k),
-                  "values": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.int32).ravel()), k)})
+def _fixed(a: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    a = np.asarray(a, dtype)                                      # (n, width)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), a.shape[1])
+
+
+def _parquet(table: pa.Table) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(t, sink, compression="zstd")
-    storage.write_bytes(neighbour_chunk_path(i), sink.getvalue())
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_chunk(storage, i: int, target: np.ndarray, lm: np.ndarray, dist: np.ndarray, values: np.ndarray,
+                ids: np.ndarray | None = None) -> None:
+    """One chunk's file; `ids`: the global ids of its first min(k, CACHE_IDS) neighbours (n, m)."""
+    cols = {"target": pa.array(np.asarray(target, np.int64)), "lm_logp": pa.array(np.asarray(lm, np.float64)),
+            "dist": _fixed(dist, np.float32), "values": _fixed(values, np.int32)}
+    if ids is not None:
+        cols["ids"] = _fixed(ids[:, :CACHE_IDS], np.int64)
+    storage.write_bytes(neighbour_chunk_path(i), _parquet(pa.table(cols)))
+
+
+def write_text(storage, sequences: list[tuple[int, int, np.ndarray]]) -> None:
+    """text.parquet: the evaluated sequences, (input file index, sequence index in it, tokens) each."""
+    storage.write_bytes(NEIGHBOUR_CACHE_TEXT, _parquet(pa.table({
+        "input": pa.array([s[0] for s in sequences], pa.int32()),
+        "sequence": pa.array([s[1] for s in sequences], pa.int64()),
+        "tokens": pa.array([np.asarray(s[2], np.int32) for s in sequences], pa.list_(pa.int32()))})))
+
+
+def read_text(storage) -> list[tuple[int, int, np.ndarray]]:
+    t = pq.read_table(pa.BufferReader(storage.read_bytes(NEIGHBOUR_CACHE_TEXT)))
+    toks = t.column("tokens").combine_chunks()
+    flat, off = toks.values.to_numpy(), toks.offsets.to_numpy()
+    return [(int(a), int(b), flat[off[j]:off[j + 1]]) for j, (a, b) in
+            enumerate(zip(t.column("input").to_pylist(), t.column("sequence").to_pylist()))]
 
 
 @dataclass
@@ -53,33 +85,46 @@ class Cache:
     dist: np.ndarray        # (n, k) float32
     values: np.ndarray      # (n, k) int32
     meta: dict
+    ids: np.ndarray | None = None     # (n, m) int64: the first m neighbours' global ids (None: an older cache)
 
 
-def read_cache(uri: str) -> Cache:
+def read_meta(uri: str) -> dict:
+    """A cache's cache.json; ValueError when `uri` is not a (finished) cache."""
     st = Storage.from_uri(uri)
     try:
-        meta = json.loads(st.read_text(NEIGHBOUR_CACHE_META))
+        return json.loads(st.read_text(NEIGHBOUR_CACHE_META))
     except NotFound:
         raise ValueError(f"{st.url(NEIGHBOUR_CACHE_META)} not found: {uri} is not a neighbour cache (write one with "
                          "`knnlm eval ... --save-neighbours URI`)") from None
-    parts = []
+
+
+def iter_chunks(uri: str, meta: dict):
+    """Each chunk of a cache in order, as a Cache of its rows (memory: one chunk)."""
+    st = Storage.from_uri(uri)
+    k = meta["k"]
     for i in range(meta["chunks"]):
         t = pq.read_table(pa.BufferReader(st.read_bytes(neighbour_chunk_path(i))))
-        k = meta["k"]
-        parts.append((t.column("target").to_numpy(), t.column("lm_logp").to_numpy(),
-                      t.column("dist").combine_chunks().values.to_numpy().reshape(-1, k),
-                      t.column("values").combine_chunks().values.to_numpy().reshape(-1, k)))
-    c = Cache(*(np.concatenate([p[j] for p in parts]) for j in range(4)), meta=meta)
+        fixed = lambda name, width: t.column(name).combine_chunks().values.to_numpy().reshape(-1, width)  # noqa: E731
+        yield Cache(t.column("target").to_numpy(), t.column("lm_logp").to_numpy(), fixed("dist", k),
+                    fixed("values", k), meta, fixed("ids", meta["ids"]) if "ids" in t.column_names else None)
+
+
+def read_cache(uri: str) -> Cache:
+    meta = read_meta(uri)
+    parts = list(iter_chunks(uri, meta))
+    ids = [p.ids for p in parts]
+    c = Cache(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("target", "lm", "dist", "values")),
+              meta=meta, ids=np.concatenate(ids) if all(i is not None for i in ids) else None)
     if len(c.target) != meta["tokens"]:
         raise ValueError(f"{uri}: {len(c.target)} tokens in its chunks, cache.json says {meta['tokens']}")
     return c
 
 
-def check_not_stale(c: Cache, flag: str, uri: str) -> None:
+def check_not_stale(meta: dict, flag: str, uri: str) -> None:
     """Refuse a cache made from a datastore version whose neighbours were removed since (`knnlm remove`): its
     distances and values include ids no query returns any more. A cache without a version is of version 1;
     a datastore that cannot be read is not checked."""
-    made, where = int(c.meta.get("version") or 1), c.meta.get("datastore")
+    made, where = int(meta.get("version") or 1), meta.get("datastore")
     if not where:
         return
     try:
@@ -153,13 +198,13 @@ def tune_caches(cfg: TuneConfig) -> dict:
         valid = read_cache(cfg.valid)
     except ValueError as e:
         raise ConfigError(f"--valid {cfg.valid}: {e}") from None
-    check_not_stale(valid, "--valid", cfg.valid)
+    check_not_stale(valid.meta, "--valid", cfg.valid)
     try:
         test = read_cache(cfg.test) if cfg.test else None
     except ValueError as e:
         raise ConfigError(f"--test {cfg.test}: {e}") from None
     if test is not None:
-        check_not_stale(test, "--test", cfg.test)
+        check_not_stale(test.meta, "--test", cfg.test)
     res = tune(valid, test)
     if cfg.plots:
         res["plots"] = plot(res, cfg.plots)

@@ -67,7 +67,8 @@ def _absolute(cfg, uri: str):
     if model and os.path.isdir(os.path.expanduser(model)):
         model = os.path.abspath(os.path.expanduser(model))
     return replace(cfg, datastore=uri, corpus=[absolute(p) for p in cfg.corpus], model=model,
-                   save_neighbours=absolute(cfg.save_neighbours), cache_dir=absolute(cfg.cache_dir))
+                   save_neighbours=absolute(cfg.save_neighbours), report=absolute(cfg.report),
+                   cache_dir=absolute(cfg.cache_dir))
 
 
 def evaluate_warm(cfg) -> dict | None:
@@ -84,7 +85,7 @@ def evaluate_warm(cfg) -> dict | None:
     except (rex.RayError, TimeoutError) as e:
         log.warning("the warm evaluator of %s does not answer (%s): evaluating here", uri, type(cause(e)).__name__)
         return None
-    inputs = [cfg.datastore, *cfg.corpus, cfg.save_neighbours or "", cfg.model or ""]
+    inputs = [cfg.datastore, *cfg.corpus, cfg.save_neighbours or "", cfg.report or "", cfg.model or ""]
     if info["node"] != ray.get_runtime_context().get_node_id() and any(p and _local(p) for p in inputs):
         log.info("the warm evaluator of %s runs on another node and this evaluation reads local paths: evaluating "
                  "here", uri)

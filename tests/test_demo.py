@@ -69,6 +69,7 @@ def test_the_pipeline_file_runs_from_any_folder(tmp_path, monkeypatch, gpt2_mode
         assert p.build.corpus == [paths["train"]] and p.eval.corpus == [paths["test"]]
         assert (p.tune.valid, p.tune.test) == ([paths["valid"]], [paths["test"]])
         assert p.tune.plots == os.path.join(out, "plots") and p.eval.out == os.path.join(out, "eval-test.json")
+        assert p.eval.report == os.path.join(out, "report")
         assert p.index.index_factory == "IVF16,Flat" and (p.build.window, p.build.min_context) == (64, 32)
 
 
@@ -123,6 +124,9 @@ def test_demo_as_the_readme_runs_it(tmp_path, capsys, ray_cluster, monkeypatch):
     assert r["datastore"] == str(out / "datastore") and r["out"] == str(out)
     assert sorted(os.listdir(out / "plots")) == ["ppl_vs_k.png", "ppl_vs_lambda.png"]
     assert r["samples"]["knnlm"] and r["samples"]["base"]
+    page = out / "report" / "index.html"                            # the report of the test text
+    assert r["report"]["path"] == str(page) and page.exists() and f"report: {page}" in printed
+    assert r["report"]["tokens"] == r["tokens"] and (out / "report" / "data" / "run.js").exists()
     assert "kNN-LM, tuned" in printed and "with the datastore" in printed and str(out / "results.json") in printed
     spec = yaml.safe_load((out / "pipeline.yaml").read_text())
     assert spec["datastore"] == "datastore" and spec["build"]["corpus"] == ["data/train.txt"]

@@ -59,7 +59,7 @@ def test_every_pipeline_key_is_an_option_with_its_default(section):
                          "shard_size", "readd"},
               "tune": {"valid", "test", "format", "k", "nprobe", "record", "plots", "out", "workers"},
               "eval": {"corpus", "format", "lambda", "temperature", "k", "nprobe", "rerank", "workers", "out", "window",
-                       "min_context"},
+                       "min_context", "report"},
               "serve": {"replicas", "rerank", "device", "watch", "grace", "evaluator"}}
     assert set(keys.values()) == expect[section]
 

@@ -227,7 +227,7 @@ def test_warm_evaluator_of_serve_runs_eval_with_the_in_process_numbers(ds, tmp_p
             assert any(ln.startswith("warm evaluator: pid") and "model loaded" in ln and "nice" not in ln
                        for ln in lines), "".join(lines)
             for call in (1, 2):
-                r = knnlm_eval("--out", "r.json")
+                r = knnlm_eval("--out", "r.json", *(("--report", "rep") if call == 2 else ()))
                 assert r.returncode == 0, r.stdout + r.stderr[-3000:]
                 assert "evaluating on the warm evaluator" in r.stderr
                 imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
@@ -237,6 +237,11 @@ def test_warm_evaluator_of_serve_runs_eval_with_the_in_process_numbers(ds, tmp_p
                 assert got["tokens"] == ref.tokens
                 assert got["base_ppl"] == pytest.approx(ref.base_ppl, rel=1e-9)
                 assert got["knnlm_ppl"] == pytest.approx(ref.knnlm_ppl, rel=1e-9)
+            # --report DIR, relative to the client's folder, written by the evaluator
+            page = client / "rep" / "index.html"
+            assert page.exists() and got["report"]["path"] == str(page) and f"report: {page}" in r.stdout
+            run = (client / "rep" / "data" / "run.js").read_text()
+            assert json.loads(run[len("knnlmRun("):-3])["run"]["knnlm_ppl"] == got["knnlm_ppl"]
             bad = knnlm_eval("--mode", "stream")                         # a user error, raised on the evaluator
             assert bad.returncode == 2, bad.stdout + bad.stderr[-3000:]
             assert "knnlm eval: error: --mode stream: the datastore's keys were built in document mode" in bad.stderr

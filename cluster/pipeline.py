@@ -38,6 +38,7 @@ from builder.manifest import load_manifest, write_manifest
 from builder.runtime import ray_session
 from builder.storage import NotFound, Storage, expand_inputs
 from builder.train import train_on_cluster, train_stage
+from cluster.eval_command import report_line
 from cluster.pipeline_spec import Pipeline, as_keys
 from retriever.config import EvalConfig, TuneConfig
 from retriever.evaluate import evaluate, write_json
@@ -154,6 +155,8 @@ def _tune(p: Pipeline) -> dict:
 def _eval(p: Pipeline, cfg: EvalConfig) -> dict:
     res = evaluate(cfg)
     log.info("eval:\n%s", res.table())
+    if res.report:
+        log.info("eval: %s", report_line(res.report))
     if cfg.out:
         write_json(res, cfg.out)
     return res.to_json()

@@ -22,7 +22,7 @@ from importlib import resources
 import numpy as np
 
 from builder.config import ConfigError
-from builder.layout import REPORT_DATA_DIR, REPORT_INDEX, REPORT_RUN, report_page_path, tokens_path
+from builder.layout import REPORT_DATA_DIR, REPORT_INDEX, REPORT_RUN, report_page_path
 from builder.manifest import Manifest, load_manifest
 from builder.rows import read_rows
 from builder.storage import Storage, StorageError, read_uri
@@ -141,7 +141,7 @@ def write_report(out: str, run: dict, s: dict, sequences: list, storage: Storage
     total_bytes = sum(sizes.values())
     info = {"path": st.url(REPORT_INDEX), "files": len(sizes), "bytes": total_bytes, "tokens": n,
             "bytes_per_token": round(total_bytes / max(n, 1), 1), "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("report: %s (%d files, %.1f MB for %d scored tokens, %.0f bytes per token) in %.1fs", info["path"],
+    log.debug("report: %s (%d files, %.1f MB for %d scored tokens, %.0f bytes per token) in %.1fs", info["path"],
              info["files"], total_bytes / 1e6, n, info["bytes_per_token"], info["seconds"])
     return info
 
@@ -243,7 +243,7 @@ def token_counts(storage: Storage, m: Manifest, ctx: ContextReader, vocab: int, 
         for (f, n), fb in zip(files, base[:-1]):
             a, b = max(lo, fb), min(hi, fb + n)
             for c in range(a, b, 1 << 24):                 # 64 MB reads
-                raw = storage.read_range(ctx.files[f].get("tokens") or tokens_path(f), 4 * (c - fb),
+                raw = storage.read_range(ctx.tokens_file(f), 4 * (c - fb),
                                          4 * (min(b, c + (1 << 24)) - fb))
                 toks = np.frombuffer(raw, "<i4")
                 counts += np.bincount(toks[(toks >= 0) & (toks < vocab)], minlength=vocab)[:vocab]

@@ -43,7 +43,8 @@ class ContextReader:
     WHOLE = 1 << 22            # documents up to this many tokens are read whole and kept (a report's windows
     KEEP = 1 << 25             # fall in the same documents again and again), this many tokens at most
 
-    def _tokens_path(self, f: int) -> str:
+    def tokens_file(self, f: int) -> str:
+        """Input f's tokens file under the root."""
         return self.files[f].get("tokens") or tokens_path(f)
 
     def meta(self, f: int) -> dict:
@@ -86,7 +87,7 @@ class ContextReader:
             return np.zeros(0, np.int32), lo
         if length <= self.WHOLE:
             return self._whole(f, int(doc), offset, length)[lo:hi], lo
-        raw = self.storage.read_range(self._tokens_path(f), 4 * (offset + lo), 4 * (offset + hi))
+        raw = self.storage.read_range(self.tokens_file(f), 4 * (offset + lo), 4 * (offset + hi))
         return np.frombuffer(raw, dtype="<i4"), lo
 
     def _whole(self, f: int, doc: int, offset: int, length: int) -> np.ndarray:
@@ -95,7 +96,7 @@ class ContextReader:
             if doc in self._docs:
                 self._docs.move_to_end(doc)
                 return self._docs[doc]
-        toks = np.frombuffer(self.storage.read_range(self._tokens_path(f), 4 * offset, 4 * (offset + length)), "<i4")
+        toks = np.frombuffer(self.storage.read_range(self.tokens_file(f), 4 * offset, 4 * (offset + length)), "<i4")
         with self._lock:
             self._docs[doc] = toks
             self._held += len(toks)
@@ -116,11 +117,11 @@ class ContextReader:
             return 0, int(self.files[f].get("num_tokens") or self.meta(f)["num_tokens"])
         if doc not in self._seqs:
             if f not in self._tables:
-                self._tables[f] = SeqTable(self.storage, self._tokens_path(f), self.meta(f))
+                self._tables[f] = SeqTable(self.storage, self.tokens_file(f), self.meta(f))
             table = self._tables[f]
             seq = table.find_record(doc - int(self.doc_base[f]))
             if seq is None:
-                raise EvalError(f"document {doc} has no tokens in {self.storage.url(self._tokens_path(f))} "
+                raise EvalError(f"document {doc} has no tokens in {self.storage.url(self.tokens_file(f))} "
                                 "(it was skipped when the datastore was built)")
             row = table.rows(seq, seq + 1)[0]
             self._seqs[doc] = int(row[0]), int(row[1])

@@ -148,6 +148,7 @@ def default_grid(c: Cache) -> dict:
     """λ in steps of 0.05; T log-spaced around the typical nearest distance (distances scale with the
     model: a fixed T = 1 can be far too sharp); k powers of two up to the cache's k."""
     d1 = np.abs(c.dist[:, 0][np.isfinite(c.dist[:, 0])])
+    d1 = d1[d1 > 0]                # an exact match (text the datastore holds) is at 0: it gives no scale (T = 0)
     scale = float(np.median(d1)) if d1.size else 1.0
     temps = sorted({1.0} | {float(f"{scale * 2.0 ** e:.4g}") for e in range(-4, 7)})
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if k < c.meta["k"]] + [c.meta["k"]]

@@ -203,6 +203,38 @@ def test_a_neighbour_shows_the_training_document_it_comes_from(made, gpt2_model)
     assert shown and set(shown) == {(1, 1)}
 
 
+def test_training_frequencies_exact_or_sampled(made):
+    """The frequency plot's counts: every training token up to the limit, else blocks spread evenly, scaled."""
+    from retriever.report import token_counts
+    from retriever.sources import ContextReader
+    st = Storage.from_uri(made["ds"])
+    m = load_manifest(st)
+    ctx = ContextReader(st, m)
+    every = np.concatenate([np.frombuffer(st.read_bytes(ctx.tokens_file(f)), "<i4") for f in range(len(ctx.files))])
+    exact, read, total = token_counts(st, m, ctx, 1000)
+    assert read == total == len(every) and np.array_equal(exact, np.bincount(every, minlength=1000))
+    est, read, total = token_counts(st, m, ctx, 1000, limit=256)            # 256 blocks of 1 token
+    assert read == 256 < total and est.sum() == pytest.approx(total) and not np.array_equal(est, exact)
+    assert set(np.flatnonzero(est)) <= set(np.flatnonzero(exact))
+
+
+def test_report_plots_the_tuning_grid_beside_the_text(made, tmp_path):
+    """--tune FILE.json (`knnlm tune --out`): its validation curves at its chosen λ, T, k."""
+    tuned = str(tmp_path / "tune.json")
+    assert main(["tune", "--valid", made["cache"], "--test", made["cache"], "--out", tuned]) == 0
+    t = json.load(open(tuned))
+    out = str(tmp_path / "rep")
+    assert main(["report", made["ds"], "--cache", made["cache"], "--out", out, "--tune", tuned]) == 0
+    run, _ = report_data(out)
+    v = run["valid"]
+    assert v["chosen"]["lambda"] == t["lambda"] and v["chosen"]["valid_ppl"] == t["valid_ppl"]
+    row = {(r["lambda"], r["k"]): r["valid_ppl"] for r in t["table"] if r["temperature"] == t["temperature"]}
+    assert v["lambda"]["ppl"] == [row[(x, t["k"])] for x in v["lambda"]["x"]]
+    assert v["k"]["ppl"] == [row[(t["lambda"], x)] for x in v["k"]["x"]] and t["k"] in v["k"]["x"]
+    assert run["curves"]["lambda"]["x"][:3] == [0.0, 0.05, 0.1]                 # this text's own curves too
+    assert main(["report", made["ds"], "--cache", made["cache"], "--out", out, "--tune", made["json"] + ".nope"]) == 2
+
+
 def test_report_is_refused_for_what_it_cannot_show(made, tmp_path):
     old = tmp_path / "old-cache"
     shutil.copytree(made["cache"], old)

@@ -13,15 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from retriever.knnlm import interpolate, knn_log_probs, neighbour_weights, perplexity
-
-LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0, 0.05))      # the λ curve (tune's grid; 1 is −inf-prone)
+from retriever.tune import LAMBDAS, k_grid  # noqa: F401 - the curves' grid is tune's; k_grid: also this module's API
 GAIN_EDGES = tuple(round(x, 2) for x in np.arange(-3.0, 3.01, 0.25))  # nats; the end bins take the tails
 FREQ_EDGES = (0, 1, 10, 100, 1_000, 10_000, 100_000)                 # training occurrences of the target
-
-
-def k_grid(k: int) -> list[int]:
-    """Powers of two below k, then k (tune's grid)."""
-    return [x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if x < k] + [k]
 
 
 def summarize_chunk(target, lm, dist, values, ids, *, lam: float, temperature: float, k: int, metric: str,

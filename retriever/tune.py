@@ -144,6 +144,14 @@ def ppl(c: Cache, lam: float, temperature: float, k: int) -> float:
     return perplexity(float(np.sum(interpolate(c.lm, knn, lam))), len(c.lm))
 
 
+LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0, 0.05))      # λ = 1 is −inf wherever no neighbour has the target
+
+
+def k_grid(k: int) -> list[int]:
+    """Powers of two below k, then k."""
+    return [x for x in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if x < k] + [k]
+
+
 def default_grid(c: Cache) -> dict:
     """λ in steps of 0.05; T log-spaced around the typical nearest distance (distances scale with the
     model: a fixed T = 1 can be far too sharp); k powers of two up to the cache's k."""
@@ -151,8 +159,7 @@ def default_grid(c: Cache) -> dict:
     d1 = d1[d1 > 0]                # an exact match (text the datastore holds) is at 0: it gives no scale (T = 0)
     scale = float(np.median(d1)) if d1.size else 1.0
     temps = sorted({1.0} | {float(f"{scale * 2.0 ** e:.4g}") for e in range(-4, 7)})
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if k < c.meta["k"]] + [c.meta["k"]]
-    return {"lambda": [round(x, 2) for x in np.arange(0.0, 1.0, 0.05)], "temperature": temps, "k": ks}
+    return {"lambda": list(LAMBDAS), "temperature": temps, "k": k_grid(c.meta["k"])}
 
 
 def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> dict:

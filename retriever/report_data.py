@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from retriever.knnlm import interpolate, knn_log_probs, neighbour_weights, perplexity
-from retriever.tune import LAMBDAS, k_grid  # noqa: F401 - the curves' grid is tune's; k_grid: also this module's API
+from retriever.tune import LAMBDAS, grid_sums, k_grid
+
 GAIN_EDGES = tuple(round(x, 2) for x in np.arange(-3.0, 3.01, 0.25))  # nats; the end bins take the tails
 FREQ_EDGES = (0, 1, 10, 100, 1_000, 10_000, 100_000)                 # training occurrences of the target
 
@@ -32,9 +33,9 @@ def summarize_chunk(target, lm, dist, values, ids, *, lam: float, temperature: f
         knn = knn_log_probs(d, v, target, temperature, metric)
     mix = interpolate(lm, knn, lam)
     ks = list(ks or k_grid(k))
-    by_k = np.array([float(np.sum(interpolate(lm, knn if kk == k else
-                                              knn_log_probs(d[:, :kk], v[:, :kk], target, temperature, metric), lam)))
-                     for kk in ks])
+    # Σ log p at every (k of the grid, λ of the grid and the run's λ): the λ curve is the run's k's row, the k
+    # curve the run's λ's column
+    sums = grid_sums(lm, d, v, target, temperature, metric, ks, list(lambdas) + [lam], known={k: knn})
     show = min(show, d.shape[1], np.asarray(ids).shape[1])
     # copies, not views: a view of the first columns would keep the chunk's whole (n, k) arrays alive, 8 KB a
     # token at k = 1024 held for every chunk until the report is written
@@ -42,8 +43,7 @@ def summarize_chunk(target, lm, dist, values, ids, *, lam: float, temperature: f
             "nb_dist": np.array(d[:, :show], np.float32),
             "nb_weight": np.array(neighbour_weights(d, v, temperature, metric)[:, :show]),
             "nb_value": np.array(v[:, :show], np.int32), "nb_id": np.array(np.asarray(ids)[:, :show], np.int64),
-            "by_lambda": np.array([float(np.sum(interpolate(lm, knn, x))) for x in lambdas]),
-            "by_k": by_k, "lambdas": list(lambdas), "ks": ks}
+            "by_lambda": sums[ks.index(k), :-1], "by_k": sums[:, -1], "lambdas": list(lambdas), "ks": ks}
 
 
 def concat(parts: list[dict]) -> dict:

@@ -162,16 +162,32 @@ def default_grid(c: Cache) -> dict:
     return {"lambda": list(LAMBDAS), "temperature": temps, "k": k_grid(c.meta["k"])}
 
 
+def grid_sums(lm: np.ndarray, dist: np.ndarray, values: np.ndarray, target: np.ndarray, temperature: float,
+              metric: str, ks: list[int], lambdas: list[float], known: dict | None = None) -> np.ndarray:
+    """Σ log p of the kNN-LM over the rows, for each k (the first k neighbours) and λ, at one T: (len(ks),
+    len(lambdas)) float64. `known`: {k: log p_kNN(target) already computed}. `tune`'s grid and the report's
+    curves (retriever/report_data.py)."""
+    out = np.empty((len(ks), len(lambdas)))
+    for i, k in enumerate(ks):
+        knn = (known or {}).get(k)
+        if knn is None:
+            knn = knn_log_probs(dist[:, :k], values[:, :k], target, temperature, metric)
+        out[i] = [float(np.sum(interpolate(lm, knn, lam))) for lam in lambdas]
+    return out
+
+
 def tune(valid: Cache, test: Cache | None = None, grid: dict | None = None) -> dict:
     """Pick λ, T, k minimizing the validation perplexity; report them on test."""
     grid = grid or default_grid(valid)
+    n = len(valid.lm)
+    sums = {T: grid_sums(valid.lm, valid.dist, valid.values, valid.target, T, valid.meta["metric"], grid["k"],
+                         grid["lambda"]) for T in grid["temperature"]}
     table = []
     best = None
-    for k in grid["k"]:
+    for i, k in enumerate(grid["k"]):
         for T in grid["temperature"]:
-            knn = knn_log_probs(valid.dist[:, :k], valid.values[:, :k], valid.target, T, valid.meta["metric"])
-            for lam in grid["lambda"]:
-                p = perplexity(float(np.sum(interpolate(valid.lm, knn, lam))), len(valid.lm))
+            for j, lam in enumerate(grid["lambda"]):
+                p = perplexity(float(sums[T][i, j]), n)
                 table.append({"k": k, "temperature": T, "lambda": lam, "valid_ppl": p})
                 if best is None or p < best["valid_ppl"]:
                     best = table[-1]

@@ -207,7 +207,8 @@ def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalRe
         up = ex.submit(servers)
         try:
             chunks, inputs, seqs, tok = planned.result()
-            report = {"show": ReportOptions().show} if cfg.report else None
+            report_opts = ReportOptions()
+            report = {"show": report_opts.show} if cfg.report else None
             if local:
                 worker = here.result()
                 worker.connect = up.result if in_process else lambda: _connect_when(up, st.uri)
@@ -255,7 +256,7 @@ def evaluate(cfg: EvalConfig, make_worker=EvalWorkerImpl, shards=None) -> EvalRe
              "model_sha256": m.model.get("sha256"), "key_layer": m.key_layer, **protocol.to_json()}))
     if cfg.report:
         res.report = write_report(cfg.report, run_header(st.uri, m, res.to_json(), inputs),
-                                  concat([results[i]["report"] for i in order]), seqs, st, m, tok, ReportOptions())
+                                  concat([results[i]["report"] for i in order]), seqs, st, m, tok, report_opts)
     log.info("evaluated %d tokens: base ppl %.3f, kNN-LM ppl %.3f", n, res.base_ppl, res.knnlm_ppl)
     return res
 

@@ -36,9 +36,8 @@ REPO = HERE.parent
 for p in (str(REPO), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
-SHARED = REPO.parent / "shared"
-EVAL_ARGS = ("--format", "wikitext", "--mode", "stream", "--lambda", "0.4", "--temperature", "20", "--k", "1024",
-             "--nprobe", "32")
+from bench_eval import SHARED, build_datastore, knnlm, run_eval  # noqa: E402 - bench/ on the path first
+
 log = logging.getLogger("bench_report")
 
 # the report in a child process that prints its peak RSS (VmHWM: see common.peak_rss_mb)
@@ -53,12 +52,12 @@ print("RESULT " + json.dumps(dict(info, peak_rss_mb=peak_rss_mb())))
 """
 
 
-def timed(*args: str) -> float:
+def timed_report(ds: str, cache: str, out: str) -> float:
+    """`knnlm report`'s wall, a fresh process."""
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
+    r = knnlm("report", ds, "--cache", cache, "--out", out)
     if r.returncode:
-        raise SystemExit(f"knnlm {' '.join(args)} failed:\n{r.stdout[-3000:]}")
+        raise SystemExit(f"knnlm report failed:\n{r.stdout[-3000:]}")
     return time.perf_counter() - t
 
 
@@ -106,7 +105,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from bench_build import machine_info
-    from bench_eval import build_datastore
     from common import write_result
 
     machine, load_before, t_all = machine_info("cpu"), os.getloadavg(), time.perf_counter()
@@ -120,10 +118,11 @@ def main(argv=None) -> int:
         for i in range(a.rounds):                        # interleaved: the machine's drift hits every kind alike
             for d in ("cache", "r1", "r2"):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-            rnd = {"eval": timed("eval", ds, "--corpus", corpus, *EVAL_ARGS),
-                   "eval_report": timed("eval", ds, "--corpus", corpus, *EVAL_ARGS, "--report", os.path.join(root, "r1")),
-                   "eval_cache": timed("eval", ds, "--corpus", corpus, *EVAL_ARGS, "--save-neighbours", cache),
-                   "report": timed("report", ds, "--cache", cache, "--out", os.path.join(root, "r2"))}
+            e = os.path.join(root, "e.json")          # bench_eval's run: its setting, a fresh process, its wall
+            rnd = {"eval": run_eval(ds, corpus, e)["wall"],
+                   "eval_report": run_eval(ds, corpus, e, "--report", os.path.join(root, "r1"))["wall"],
+                   "eval_cache": run_eval(ds, corpus, e, "--save-neighbours", cache)["wall"],
+                   "report": timed_report(ds, cache, os.path.join(root, "r2"))}
             log.info("round %d: %s", i, {k: round(v, 1) for k, v in rnd.items()})
             figures["rounds"].append(rnd)
         med = {k: statistics.median(r[k] for r in figures["rounds"]) for k in figures["rounds"][0]}
@@ -141,8 +140,8 @@ def main(argv=None) -> int:
         log.info("growth x%d: %s", a.times, {k: v for k, v in figures["growth"].items() if k.endswith("ratio")})
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    params = {"datastore": ds, "model": a.model, "corpus": corpus, "eval": list(EVAL_ARGS), "rounds": a.rounds,
-              "times": a.times}
+    params = {"datastore": ds, "model": a.model, "corpus": corpus, "eval": "bench_eval.run_eval's settings",
+              "rounds": a.rounds, "times": a.times}
     path, _ = write_result("report", "cpu", machine, load_before, params, figures, time.perf_counter() - t_all,
                            a.result)
     g = figures["growth"]
